@@ -1,0 +1,105 @@
+"""Accuracy + ablation on the real data sets (../shared/data): trains each variant, evaluates, prints a table.
+
+    python benchmarks/accuracy.py [--epochs 6] [--datasets magnetic_tile ball_screw_drive]
+                                  [--variants full plain simam sspcab] [--device cpu]
+
+Writes benchmarks/results/accuracy.json (rows: dataset, variant, image_auroc, pixel_auroc, au_pro,
+epochs, train_seconds, machine). Rows are appended as each run finishes, so a long run that is
+stopped keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from _machine import machine_name  # noqa: E402
+
+VARIANTS = {
+    "plain": {"simam": False, "sspcab": False},
+    "simam": {"simam": True, "sspcab": False},
+    "sspcab": {"simam": False, "sspcab": True},
+    "full": {"simam": True, "sspcab": True},
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-root", type=Path, default=HERE.parent.parent / "shared" / "data")
+    ap.add_argument("--datasets", nargs="+", default=["magnetic_tile", "ball_screw_drive"])
+    ap.add_argument(
+        "--variants", nargs="+", default=["full", "plain", "simam", "sspcab"], choices=list(VARIANTS)
+    )
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--work", type=Path, default=HERE.parent / "runs" / "accuracy")
+    ap.add_argument("--results", type=Path, default=HERE / "results" / "accuracy.json")
+    ap.add_argument(
+        "--append", action="store_true", help="keep existing rows of other (dataset, variant) pairs"
+    )
+    args = ap.parse_args()
+
+    from engines.evaluate import evaluate, format_table
+    from engines.train import TrainConfig, load_bundle_model, predict, train
+
+    machine = machine_name()
+    rows: list[dict] = []
+    if args.append and args.results.is_file():
+        rows = json.loads(args.results.read_text())
+    for ds in args.datasets:
+        for variant in args.variants:
+            data = args.data_root / ds
+            bundle = args.work / f"{ds}-{variant}"
+            cfg = TrainConfig(
+                epochs=args.epochs, image_size=args.image_size, device=args.device, **VARIANTS[variant]
+            )
+            t0 = time.perf_counter()
+            train(data, bundle, cfg, quiet=True)
+            train_s = time.perf_counter() - t0
+            model = load_bundle_model(bundle, device=args.device)
+            res = evaluate(
+                data, args.image_size, lambda x, m=model: predict(m, x), bundle / "eval", n_overlays=8
+            )
+            overall = res["rows"][-1]
+            print(f"\n== {ds} / {variant} ({args.epochs} epochs, trained in {train_s:.0f} s)")
+            print(format_table(res["rows"]), flush=True)
+            row = {
+                "dataset": ds,
+                "variant": variant,
+                "image_auroc": round(overall["image_auroc"], 4),
+                "pixel_auroc": round(overall["pixel_auroc"], 4),
+                "au_pro": round(overall["au_pro"], 4),
+                "f1_max": round(overall["f1_max"], 4),
+                "epochs": args.epochs,
+                "image_size": args.image_size,
+                "train_seconds": round(train_s, 1),
+                "machine": machine,
+                "per_defect": res["rows"][:-1],
+            }
+            rows = [r for r in rows if not (r["dataset"] == ds and r["variant"] == variant)] + [row]
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(rows, indent=2) + "\n")
+
+    print(f"\nmachine: {machine}")
+    print(
+        f"{'dataset':<18}{'variant':<8}{'img AUROC':>10}{'px AUROC':>10}"
+        f"{'AU-PRO':>8}{'epochs':>7}{'train s':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['dataset']:<18}{r['variant']:<8}{r['image_auroc']:>10.3f}{r['pixel_auroc']:>10.3f}"
+            f"{r['au_pro']:>8.3f}{r['epochs']:>7}{r['train_seconds']:>9.0f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

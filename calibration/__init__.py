@@ -1,0 +1,1 @@
+"""Threshold calibration on good parts (pure numpy; no torch)."""

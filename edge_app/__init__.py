@@ -1,0 +1,1 @@
+"""lineinspect line service. Never imports torch: the network is reached through engines.runtime."""

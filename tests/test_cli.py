@@ -1,0 +1,99 @@
+"""The ``lineinspect`` command on bad input: a clear error naming the path, exit code 2."""
+
+from pathlib import Path
+
+import pytest
+
+from edge_app.cli import main
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_train_on_missing_folder(tmp_path: Path, capsys):
+    code, err = run(
+        capsys, "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "b"), "--quiet"
+    )
+    assert code == 2
+    assert "dataset folder not found" in err and "nope" in err
+
+
+def test_train_on_empty_folder(tmp_path: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = run(
+        capsys, "train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "b"), "--quiet"
+    )
+    assert code == 2
+    assert "neither an MVTec-style dataset" in err and str(tmp_path / "empty") in err
+
+
+def test_train_on_unreadable_image(tmp_path: Path, capsys):
+    good = tmp_path / "ds" / "train" / "good"
+    good.mkdir(parents=True)
+    import cv2
+    import numpy as np
+
+    for i in range(3):
+        cv2.imwrite(str(good / f"{i}.png"), np.full((32, 32), 128, np.uint8))
+    (good / "broken.png").write_bytes(b"\x89PNG truncated")
+    code, err = run(capsys, "train", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "b"), "--quiet")
+    assert code == 2
+    assert "cannot read image" in err and "broken.png" in err
+    assert not (tmp_path / "b" / "model.json").exists()
+
+
+def test_train_with_unknown_config_key(tmp_path: Path, capsys, synthetic_root):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("epoch: 3\n")
+    code, err = run(
+        capsys, "train", "--data", str(synthetic_root), "--out", str(tmp_path / "b"), "--config", str(cfg)
+    )
+    assert code == 2 and "epoch" in err and "Extra inputs are not permitted" in err
+
+
+def test_evaluate_needs_a_test_split(tmp_path: Path, capsys, trained_bundle):
+    (tmp_path / "only_good").mkdir()
+    code, err = run(
+        capsys, "evaluate", "--bundle", str(trained_bundle), "--data", str(tmp_path / "only_good")
+    )
+    assert code == 2 and "has no test/ folder" in err
+
+
+def test_evaluate_on_a_folder_that_is_no_bundle(tmp_path: Path, capsys, synthetic_root):
+    code, err = run(capsys, "evaluate", "--bundle", str(tmp_path), "--data", str(synthetic_root))
+    assert code == 2 and "model.json" in err and "not a model bundle" in err
+
+
+def test_evaluate_writes_table_json_and_overlays(tmp_path: Path, capsys, trained_bundle, synthetic_root):
+    code = main(
+        [
+            "evaluate",
+            "--bundle",
+            str(trained_bundle),
+            "--data",
+            str(synthetic_root),
+            "--out",
+            str(tmp_path / "ev"),
+            "--overlays",
+            "3",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "img AUROC" in out and "scratch" in out and "all" in out
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+    pngs = sorted((tmp_path / "ev" / "overlays").glob("*.png"))
+    assert len(pngs) == 3
+    import cv2
+
+    strip = cv2.imread(str(pngs[0]))
+    assert strip.shape == (128, 3 * 128, 3)
+
+
+@pytest.mark.parametrize("argv", [["train"], ["evaluate", "--bundle", "x"], []])
+def test_missing_arguments_exit_nonzero(argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
