@@ -34,17 +34,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", type=Path, default=HERE.parent.parent / "shared" / "data")
     ap.add_argument("--datasets", nargs="+", default=["magnetic_tile", "ball_screw_drive"])
-    ap.add_argument(
-        "--variants", nargs="+", default=["full", "plain", "simam", "sspcab"], choices=list(VARIANTS)
-    )
+    ap.add_argument("--variants", nargs="+", default=["full", "plain", "simam", "sspcab"], choices=list(VARIANTS))
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=HERE.parent / "runs" / "accuracy")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "accuracy.json")
-    ap.add_argument(
-        "--append", action="store_true", help="keep existing rows of other (dataset, variant) pairs"
-    )
+    ap.add_argument("--append", action="store_true", help="keep existing rows of other (dataset, variant) pairs")
     args = ap.parse_args()
 
     from engines.evaluate import evaluate, format_table
@@ -58,16 +54,12 @@ def main() -> int:
         for variant in args.variants:
             data = args.data_root / ds
             bundle = args.work / f"{ds}-{variant}"
-            cfg = TrainConfig(
-                epochs=args.epochs, image_size=args.image_size, device=args.device, **VARIANTS[variant]
-            )
+            cfg = TrainConfig(epochs=args.epochs, image_size=args.image_size, device=args.device, **VARIANTS[variant])
             t0 = time.perf_counter()
             train(data, bundle, cfg, quiet=True)
             train_s = time.perf_counter() - t0
             model = load_bundle_model(bundle, device=args.device)
-            res = evaluate(
-                data, args.image_size, lambda x, m=model: predict(m, x), bundle / "eval", n_overlays=8
-            )
+            res = evaluate(data, args.image_size, lambda x, m=model: predict(m, x), bundle / "eval", n_overlays=8)
             overall = res["rows"][-1]
             print(f"\n== {ds} / {variant} ({args.epochs} epochs, trained in {train_s:.0f} s)")
             print(format_table(res["rows"]), flush=True)
@@ -89,10 +81,7 @@ def main() -> int:
             args.results.write_text(json.dumps(rows, indent=2) + "\n")
 
     print(f"\nmachine: {machine}")
-    print(
-        f"{'dataset':<18}{'variant':<8}{'img AUROC':>10}{'px AUROC':>10}"
-        f"{'AU-PRO':>8}{'epochs':>7}{'train s':>9}"
-    )
+    print(f"{'dataset':<18}{'variant':<8}{'img AUROC':>10}{'px AUROC':>10}{'AU-PRO':>8}{'epochs':>7}{'train s':>9}")
     for r in rows:
         print(
             f"{r['dataset']:<18}{r['variant']:<8}{r['image_auroc']:>10.3f}{r['pixel_auroc']:>10.3f}"

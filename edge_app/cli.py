@@ -10,18 +10,14 @@ from pathlib import Path
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a student on good images and write a model bundle")
-    p.add_argument(
-        "--data", required=True, help="MVTec-style dataset folder (train/good) or a folder of good images"
-    )
+    p.add_argument("--data", required=True, help="MVTec-style dataset folder (train/good) or a folder of good images")
     p.add_argument("--out", required=True, help="bundle folder to write (model.json + student.pt)")
     p.add_argument("--config", type=Path, help="training YAML (see engines.train.TrainConfig)")
     p.add_argument("--epochs", type=int, help="override epochs")
     p.add_argument("--image-size", type=int, help="override the square input size")
     p.add_argument("--seed", type=int, help="override the seed")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument(
-        "--teacher-weights", type=Path, help="Lite0 state_dict file instead of the packaged weights"
-    )
+    p.add_argument("--teacher-weights", type=Path, help="Lite0 state_dict file instead of the packaged weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -43,6 +39,28 @@ def _add_synthetic(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write BUNDLE/model.onnx (whole graph, uint8 NHWC in) and verify it")
+    p.add_argument("--bundle", required=True, help="model bundle folder")
+    p.add_argument("--images", help="folder of real images for the parity check (default: training data)")
+    p.add_argument(
+        "--fp16-graph", action="store_true", help="also write model_fp16.onnx (for TensorRT 11 fp16 engines)"
+    )
+
+
+def _add_build_engine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build-engine", help="build the TensorRT plan for this GPU from BUNDLE/model.onnx")
+    p.add_argument("--bundle", required=True, help="exported model bundle folder")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true", help="fp16 engine (recommended on GPUs)")
+    prec.add_argument("--int8", action="store_true", help="INT8 engine, calibrated on --calib-dir (TensorRT 10)")
+    p.add_argument("--calib-dir", help="folder of good-part images for INT8 calibration")
+    p.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace limit")
+    p.add_argument("--max-batch", type=int, default=16, help="largest batch the engine accepts")
+    p.add_argument("--opt-batch", type=int, default=1, help="batch size the engine is tuned for")
+    p.add_argument("--gpu", type=int, default=0, help="CUDA device index")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lineinspect", description="factory-line anomaly inspection")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -50,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_synthetic(sub)
+    _add_export(sub)
+    _add_build_engine(sub)
     return parser
 
 
@@ -60,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "train":
         from engines.train import main_train
 
@@ -68,6 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         from engines.evaluate import main_evaluate
 
         return main_evaluate(args)
+    if args.command == "export":
+        from engines.export import main_export
+
+        return main_export(args)
+    if args.command == "build-engine":
+        from engines.runtime import BACKENDS, SDKMissingError, _import_sdk
+
+        try:
+            _import_sdk("tensorrt", BACKENDS["tensorrt"])
+        except SDKMissingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        from engines.runtime.tensorrt import main_build_engine
+
+        return main_build_engine(args)
     if args.command == "make-synthetic":
         from engines.synthetic import make_dataset
 

@@ -19,11 +19,13 @@ class SimAM(nn.Module):
         self.lam = float(lam)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32 even in an fp16 graph: the sum of squares over a 64x64 map overflows fp16
+        xf = x.float()
         n = x.shape[-2] * x.shape[-1] - 1
-        d = (x - x.mean(dim=(-2, -1), keepdim=True)).pow(2)
+        d = (xf - xf.mean(dim=(-2, -1), keepdim=True)).pow(2)
         var = d.sum(dim=(-2, -1), keepdim=True) / max(n, 1)
         e = d / (4.0 * (var + self.lam)) + 0.5
-        return x * torch.sigmoid(e)
+        return (xf * torch.sigmoid(e)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"lambda={self.lam}"

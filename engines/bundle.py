@@ -101,12 +101,8 @@ def read_meta(bundle: Path) -> dict[str, Any]:
     stats = meta["map_stats"]
     for key in ("scale_mean", "scale_std"):
         vals = stats.get(key) if isinstance(stats, dict) else None
-        if not isinstance(vals, list) or not all(
-            isinstance(v, (int, float)) and math.isfinite(v) for v in vals
-        ):
-            msg = (
-                f"{path}: map_stats.{key} must be a list of finite numbers (computed at the end of training)"
-            )
+        if not isinstance(vals, list) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+            msg = f"{path}: map_stats.{key} must be a list of finite numbers (computed at the end of training)"
             raise BundleError(msg)
     return meta
 

@@ -101,9 +101,7 @@ def save_overlays(
     for i in pick:
         img = load_images([items[i].path], size)[0]
         mask = cv2.cvtColor(masks[i].astype(np.uint8) * 255, cv2.COLOR_GRAY2BGR)
-        strip = np.concatenate(
-            [cv2.cvtColor(img, cv2.COLOR_RGB2BGR), heat_overlay(img, maps[i], lo, hi), mask], 1
-        )
+        strip = np.concatenate([cv2.cvtColor(img, cv2.COLOR_RGB2BGR), heat_overlay(img, maps[i], lo, hi), mask], 1)
         cv2.putText(strip, f"{items[i].defect} score {scores[i]:.2f}", (4, 14), 0, 0.45, (255, 255, 255), 1)
         p = out / f"{i:04d}_{items[i].defect}_{items[i].path.stem}.png"
         cv2.imwrite(str(p), strip)
@@ -111,9 +109,7 @@ def save_overlays(
     return written
 
 
-def evaluate(
-    data: Path, size: int, score_fn: ScoreFn, out: Path | None = None, n_overlays: int = 12
-) -> dict[str, Any]:
+def evaluate(data: Path, size: int, score_fn: ScoreFn, out: Path | None = None, n_overlays: int = 12) -> dict[str, Any]:
     items = eval_items(Path(data))
     maps, scores, masks = score_items(items, size, score_fn)
     rows = metric_rows(items, maps, scores, masks)

@@ -85,9 +85,7 @@ class Student(nn.Module):
         self.blocks = nn.ModuleList(MBConv(s) for s in LITE0_BLOCKS[: self.taps[-1] + 1])
         self.simam = SimAM(cfg.simam_lambda) if cfg.simam else None
         self.sspcab_at = cfg.sspcab_block() if cfg.sspcab else None
-        self.sspcab = (
-            SSPCAB(LITE0_BLOCKS[self.sspcab_at].c_out, cfg.sspcab_k, cfg.sspcab_d) if cfg.sspcab else None
-        )
+        self.sspcab = SSPCAB(LITE0_BLOCKS[self.sspcab_at].c_out, cfg.sspcab_k, cfg.sspcab_d) if cfg.sspcab else None
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         h = F.relu6(self.stem_bn(self.stem(x)))

@@ -193,9 +193,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_lite0(
-    weights: Path | None = None, num_blocks: int = len(LITE0_BLOCKS)
-) -> tuple[EfficientNetLite0, str]:
+def load_lite0(weights: Path | None = None, num_blocks: int = len(LITE0_BLOCKS)) -> tuple[EfficientNetLite0, str]:
     """Build Lite0 (truncated to ``num_blocks``), load ImageNet weights strictly, freeze, eval.
 
     Returns the model and the sha256 of the weights file.
@@ -207,9 +205,7 @@ def load_lite0(
     if not full:
         keep = {f"_blocks.{i}." for i in range(num_blocks)}
         sd = {
-            k: v
-            for k, v in sd.items()
-            if k.startswith(("_conv_stem.", "_bn0.")) or any(k.startswith(p) for p in keep)
+            k: v for k, v in sd.items() if k.startswith(("_conv_stem.", "_bn0.")) or any(k.startswith(p) for p in keep)
         }
     try:
         model.load_state_dict(sd, strict=True)

@@ -30,3 +30,16 @@ def trained_bundle(tmp_path_factory, synthetic_root) -> Path:
     cfg = TrainConfig(image_size=128, epochs=6, batch_size=8, seed=0, num_threads=2, device="cpu")
     train(synthetic_root, out, cfg, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(tmp_path_factory, trained_bundle) -> Path:
+    """The tiny bundle with model.onnx exported (parity-checked by the export itself)."""
+    import shutil
+
+    from engines.export import export_bundle
+
+    out = tmp_path_factory.mktemp("exported") / "model"
+    shutil.copytree(trained_bundle, out)
+    export_bundle(out)
+    return out

@@ -13,18 +13,14 @@ def run(capsys, *argv) -> tuple[int, str]:
 
 
 def test_train_on_missing_folder(tmp_path: Path, capsys):
-    code, err = run(
-        capsys, "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "b"), "--quiet"
-    )
+    code, err = run(capsys, "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "b"), "--quiet")
     assert code == 2
     assert "dataset folder not found" in err and "nope" in err
 
 
 def test_train_on_empty_folder(tmp_path: Path, capsys):
     (tmp_path / "empty").mkdir()
-    code, err = run(
-        capsys, "train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "b"), "--quiet"
-    )
+    code, err = run(capsys, "train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "b"), "--quiet")
     assert code == 2
     assert "neither an MVTec-style dataset" in err and str(tmp_path / "empty") in err
 
@@ -47,17 +43,13 @@ def test_train_on_unreadable_image(tmp_path: Path, capsys):
 def test_train_with_unknown_config_key(tmp_path: Path, capsys, synthetic_root):
     cfg = tmp_path / "t.yaml"
     cfg.write_text("epoch: 3\n")
-    code, err = run(
-        capsys, "train", "--data", str(synthetic_root), "--out", str(tmp_path / "b"), "--config", str(cfg)
-    )
+    code, err = run(capsys, "train", "--data", str(synthetic_root), "--out", str(tmp_path / "b"), "--config", str(cfg))
     assert code == 2 and "epoch" in err and "Extra inputs are not permitted" in err
 
 
 def test_evaluate_needs_a_test_split(tmp_path: Path, capsys, trained_bundle):
     (tmp_path / "only_good").mkdir()
-    code, err = run(
-        capsys, "evaluate", "--bundle", str(trained_bundle), "--data", str(tmp_path / "only_good")
-    )
+    code, err = run(capsys, "evaluate", "--bundle", str(trained_bundle), "--data", str(tmp_path / "only_good"))
     assert code == 2 and "has no test/ folder" in err
 
 

@@ -1,0 +1,180 @@
+"""Inference latency of every available backend, side by side, torch eager as the baseline.
+
+    python benchmarks/latency.py [--bundle BUNDLE] [--threads 2] [--repeats 200]
+
+Prints median / p99 latency and throughput at batch 1 and 8 (256x256 unless the bundle says
+otherwise) for torch eager (CPU), onnxruntime, openvino f32 (and bf16), and, where a GPU is
+present, torch CUDA-graph fp16 (batch 1, 8, 16) and TensorRT. Also the peak resident memory of a
+separate process that loads the bundle and runs the ONNX Runtime backend (torch not imported).
+Writes benchmarks/results/latency.json (rows: backend, device, batch, median_ms, p99_ms,
+images_per_s, peak_rss_mb, machine). Without --bundle, a 1-epoch model is trained on synthetic
+parts and exported (latency does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from _machine import machine_name  # noqa: E402
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would count the parent's memory.
+RSS_SCRIPT = r"""
+import sys, numpy as np
+from engines.runtime import load_runtime
+rt = load_runtime(sys.argv[2], sys.argv[1], threads=int(sys.argv[3]))
+x = np.zeros((1, rt.size, rt.size, 3), np.uint8)
+for _ in range(50):
+    rt(x)
+assert "torch" not in sys.modules, "torch was imported"
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(int(hwm.split()[1]) / 1024.0)
+"""
+
+
+def ensure_bundle(path: Path | None, size: int) -> Path:
+    if path is not None:
+        meta = json.loads((path / "model.json").read_text())
+        if not meta.get("onnx"):
+            from engines.export import export_bundle
+
+            export_bundle(path)
+        return path
+    work = HERE.parent / "runs" / f"latency-bundle-{size}"
+    if (work / "model.json").is_file() and json.loads((work / "model.json").read_text()).get("onnx"):
+        return work
+    from engines.export import export_bundle
+    from engines.synthetic import make_dataset
+    from engines.train import TrainConfig, train
+
+    data = make_dataset(
+        HERE.parent / "runs" / "latency-data", n_train=16, n_test_good=2, n_test_per_defect=1, size=size
+    )
+    train(data, work, TrainConfig(image_size=size, epochs=1, num_threads=2), quiet=True)
+    export_bundle(work)
+    return work
+
+
+def time_runtime(rt, batch: int, repeats: int, warmup: int = 10) -> tuple[float, float]:
+    x = np.random.default_rng(0).integers(0, 256, (batch, rt.size, rt.size, 3), dtype=np.uint8)
+    for _ in range(warmup):
+        rt(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rt(x)
+        times.append(time.perf_counter() - t0)
+    t = np.array(times) * 1000
+    return float(np.median(t)), float(np.percentile(t, 99))
+
+
+def peak_rss(bundle: Path, backend: str, threads: int) -> float | None:
+    res = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(bundle), backend, str(threads)],
+        capture_output=True,
+        text=True,
+        cwd=HERE.parent,
+    )
+    if res.returncode != 0:
+        print(f"peak RSS of {backend} failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--backends", nargs="+", help="subset, e.g. onnxruntime openvino")
+    ap.add_argument("--results", type=Path, default=HERE / "results" / "latency.json")
+    ap.add_argument("--append", action="store_true", help="keep rows of other machines already in the file")
+    args = ap.parse_args()
+
+    from engines.runtime import load_runtime
+
+    bundle = ensure_bundle(args.bundle, args.size)
+    machine = machine_name()
+    candidates: list[tuple[str, dict, list[int]]] = [
+        ("torch", {"device": "cpu", "threads": args.threads}, [1, 8]),
+        ("onnxruntime", {"threads": args.threads}, [1, 8]),
+        ("openvino", {"threads": args.threads, "precision": "f32"}, [1, 8]),
+        ("openvino", {"threads": args.threads, "precision": "bf16"}, [1, 8]),
+    ]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            candidates.append(("torch", {"device": "cuda"}, [1, 8, 16]))
+            candidates.append(("torch", {"device": "cuda", "cuda_graph": False}, [1, 16]))
+    except ImportError:
+        pass
+    try:
+        import tensorrt  # noqa: F401
+
+        candidates.append(("tensorrt", {}, [1, 8, 16]))
+    except ImportError:
+        pass
+
+    rss = {}
+    for backend in ("onnxruntime", "openvino"):
+        if not args.backends or backend in args.backends:
+            rss[backend] = peak_rss(bundle, backend, args.threads)
+
+    rows = []
+    for backend, opts, batches in candidates:
+        if args.backends and backend not in args.backends:
+            continue
+        try:
+            rt = load_runtime(backend, bundle, **opts)
+        except Exception as exc:  # report and go on: one missing backend must not hide the others
+            print(f"skip {backend} {opts}: {exc}", file=sys.stderr)
+            continue
+        for b in batches:
+            reps = args.repeats if b == 1 else max(args.repeats // 4, 20)
+            med, p99 = time_runtime(rt, b, reps)
+            rows.append(
+                {
+                    "backend": backend,
+                    "device": rt.device,
+                    "batch": b,
+                    "median_ms": round(med, 3),
+                    "p99_ms": round(p99, 3),
+                    "images_per_s": round(b / med * 1000, 1),
+                    "peak_rss_mb": round(rss[backend], 1)
+                    if rss.get(backend) and opts.get("precision", "f32") == "f32"
+                    else None,
+                    "machine": machine,
+                }
+            )
+            print(f"  {backend:<12} {rt.device:<40} b{b:<3} median {med:7.2f} ms  p99 {p99:7.2f} ms", flush=True)
+        rt.close()
+
+    print(f"\nmachine: {machine}; input {args.size}x{args.size} uint8; {args.threads} CPU threads")
+    print(f"{'backend':<12}{'device':<44}{'batch':>6}{'median ms':>11}{'p99 ms':>9}{'img/s':>9}{'RSS MB':>8}")
+    for r in rows:
+        rss_s = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-"
+        print(
+            f"{r['backend']:<12}{r['device'][:43]:<44}{r['batch']:>6}{r['median_ms']:>11.2f}{r['p99_ms']:>9.2f}"
+            f"{r['images_per_s']:>9.1f}{rss_s:>8}"
+        )
+    old = json.loads(args.results.read_text()) if args.append and args.results.is_file() else []
+    old = [r for r in old if r.get("machine") != machine]
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(old + rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""ONNX export of the whole inference graph, with a parity check against torch (train extra).
+
+Graph contract (recorded in model.json under "onnx"):
+
+- input ``image``: uint8, NHWC ``(batch, H, W, 3)``, RGB, at the bundle's size; batch is dynamic.
+  Cast, normalisation, teacher, student, map fusion, upsampling, smoothing and image score all
+  run inside the graph.
+- outputs ``anomaly_map``: float32 ``(batch, H, W)``; ``score``: float32 ``(batch,)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engines import bundle as bundle_mod
+from engines.model import KDModel
+
+log = logging.getLogger(__name__)
+
+OPSET = 18  # ONNX Runtime >= 1.14, OpenVINO >= 2023, TensorRT 10 all support opset 18
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("anomaly_map", "score")
+# Parity tolerance of ONNX Runtime (fp32) against torch (fp32) on the normalised map.
+MAP_ATOL = 1e-3
+SCORE_ATOL = 1e-3
+
+
+class ExportError(RuntimeError):
+    """Export failed; the message says what to do."""
+
+
+class InferenceGraph(nn.Module):
+    """uint8 NHWC in -> (anomaly_map, score) out: exactly what the runtimes execute."""
+
+    def __init__(self, model: KDModel):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = image.permute(0, 3, 1, 2).to(torch.float32)
+        return self.model(x)
+
+
+class InferenceGraphFP16(nn.Module):
+    """The same contract with the two networks in fp16 (for TensorRT 11's strongly typed builds).
+
+    Input/output stay uint8 / float32; SimAM statistics, cosine distances, normalisation,
+    smoothing and the score stay fp32.
+    """
+
+    def __init__(self, model: KDModel):
+        super().__init__()
+        import copy
+
+        self.model = model.eval()
+        self.teacher16 = copy.deepcopy(model.teacher).half().eval()
+        self.student16 = copy.deepcopy(model.student).half().eval()
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from engines.teacher import normalize_input
+
+        m = self.model
+        xn = normalize_input(image.permute(0, 3, 1, 2).to(torch.float32)).to(torch.float16)
+        t_feats = [t.float() for t in self.teacher16(xn)]
+        s_feats = [s.float() for s in self.student16(xn)[0]]
+        amap = m.fuse(m.scale_maps(t_feats, s_feats))
+        return amap[:, 0], m.image_score(amap)
+
+
+def export_onnx(model: KDModel, path: Path, opset: int = OPSET, fp16: bool = False) -> Path:
+    """Export ``model`` to one self-contained ONNX file at ``path`` (dynamic batch)."""
+    import onnx
+
+    size = model.cfg.image_size
+    graph = (InferenceGraphFP16(model) if fp16 else InferenceGraph(model)).eval()
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    path = Path(path)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                graph,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={"image": {0: batch}},
+                opset_version=opset,
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as exc:
+        msg = f"torch.onnx.export failed: {exc}"
+        raise ExportError(msg) from exc
+    proto = program.model_proto
+    proto.doc_string = "lineinspect student/teacher anomaly graph: uint8 NHWC RGB -> anomaly_map, score" + (
+        " (networks in fp16)" if fp16 else ""
+    )
+    onnx.checker.check_model(proto, full_check=True)
+    bundle_mod.atomic_write_bytes(path, proto.SerializeToString())
+    return path
+
+
+def parity_images(meta: dict[str, Any], size: int, n: int = 4, images_dir: Path | None = None) -> np.ndarray:
+    """Real images for the parity check: a folder given, else the training data, else synthetic parts."""
+    from engines.data import good_training_images, list_images, load_images
+
+    paths: list[Path] = []
+    if images_dir is not None:
+        paths = list_images(images_dir)[:n]
+        if not paths:
+            msg = f"no images in {images_dir} for the parity check"
+            raise ExportError(msg)
+    else:
+        data = meta.get("training", {}).get("data")
+        if data and Path(data).exists():
+            try:
+                paths = good_training_images(Path(data))[:n]
+            except ValueError:
+                paths = []
+    if paths:
+        return load_images(paths, size)
+    from engines.synthetic import render
+
+    rng = np.random.default_rng(0)
+    return np.stack([render(rng, size, d)[0] for d in (None, "scratch", "spot", "dent")][:n])
+
+
+def check_parity(model: KDModel, onnx_path: Path, images: np.ndarray) -> dict[str, float]:
+    """Run the graph in ONNX Runtime and torch on the same images; raise when they differ."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        msg = "the parity check needs onnxruntime: pip install 'lineinspect[ort]'"
+        raise ExportError(msg) from exc
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    o_map, o_score = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+    with torch.no_grad():
+        t_map, t_score = InferenceGraph(model)(torch.from_numpy(images))
+    d_map = float(np.abs(o_map - t_map.numpy()).max())
+    d_score = float(np.abs(o_score - t_score.numpy()).max())
+    result = {"max_abs_map": d_map, "max_abs_score": d_score, "n_images": len(images)}
+    if not (d_map <= MAP_ATOL and d_score <= SCORE_ATOL):
+        msg = (
+            f"ONNX parity check failed: max |map diff| {d_map:.2e} (limit {MAP_ATOL:.0e}), "
+            f"max |score diff| {d_score:.2e} (limit {SCORE_ATOL:.0e}) on {len(images)} images"
+        )
+        raise ExportError(msg)
+    return result
+
+
+FP16_ATOL = 0.05  # fp16 networks against torch fp32, on the normalised map and score
+
+
+def check_parity_fp16(model: KDModel, onnx_path: Path, images: np.ndarray) -> dict[str, float]:
+    """The fp16 graph in OpenVINO (ONNX Runtime's CPU provider has no fp16 convolutions) vs torch fp32."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        msg = "checking the fp16 graph needs openvino: pip install 'lineinspect[openvino]'"
+        raise ExportError(msg) from exc
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    res = compiled.create_infer_request().infer({0: images})
+    o_map, o_score = res[compiled.output("anomaly_map")], res[compiled.output("score")]
+    with torch.no_grad():
+        t_map, t_score = InferenceGraph(model)(torch.from_numpy(images))
+    d_map = float(np.abs(o_map - t_map.numpy()).max())
+    d_score = float(np.abs(o_score - t_score.numpy()).max())
+    if not (d_map <= FP16_ATOL and d_score <= FP16_ATOL):
+        msg = (
+            f"fp16 graph parity check failed: max |map diff| {d_map:.3f}, |score diff| {d_score:.3f} "
+            f"(limit {FP16_ATOL})"
+        )
+        raise ExportError(msg)
+    return {"max_abs_map": d_map, "max_abs_score": d_score, "n_images": len(images), "atol": FP16_ATOL}
+
+
+def export_bundle(bundle: Path, images_dir: Path | None = None, opset: int = OPSET, fp16_graph: bool = False) -> Path:
+    """Export ``bundle/model.onnx``, verify it against torch, record its sha256 in model.json."""
+    from engines.train import load_bundle_model
+
+    bundle = Path(bundle)
+    meta = bundle_mod.read_meta(bundle)
+    model = load_bundle_model(bundle, device="cpu")
+    size = model.cfg.image_size
+    fd, tmp_name = tempfile.mkstemp(dir=bundle, prefix=".model.", suffix=".onnx")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        export_onnx(model, tmp, opset)
+        parity = check_parity(model, tmp, parity_images(meta, size, images_dir=images_dir))
+        final = bundle / bundle_mod.MODEL_ONNX
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta["onnx"] = {
+        "file": bundle_mod.MODEL_ONNX,
+        "sha256": bundle_mod.sha256_file(final),
+        "opset": opset,
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "shape": ["batch", size, size, 3]},
+        "outputs": {
+            "anomaly_map": {"dtype": "float32", "shape": ["batch", size, size]},
+            "score": {"dtype": "float32", "shape": ["batch"]},
+        },
+        "parity": parity | {"map_atol": MAP_ATOL, "score_atol": SCORE_ATOL, "reference": "torch fp32"},
+        "exported_at": bundle_mod.utc_now(),
+        "torch": torch.__version__,
+    }
+    meta["onnx_fp16"] = None
+    if fp16_graph:
+        final16 = bundle / "model_fp16.onnx"
+        tmp16 = bundle / ".model_fp16.onnx.tmp"
+        try:
+            export_onnx(model, tmp16, opset, fp16=True)
+            parity16 = check_parity_fp16(model, tmp16, parity_images(meta, size, images_dir=images_dir))
+            os.replace(tmp16, final16)
+        finally:
+            tmp16.unlink(missing_ok=True)
+        meta["onnx_fp16"] = {
+            "file": final16.name,
+            "sha256": bundle_mod.sha256_file(final16),
+            "for_onnx_sha256": meta["onnx"]["sha256"],
+            "parity": parity16 | {"reference": "torch fp32", "checked_with": "openvino f32 execution"},
+        }
+    bundle_mod.write_meta(bundle, meta)
+    return final
+
+
+def main_export(args) -> int:
+    try:
+        path = export_bundle(Path(args.bundle), Path(args.images) if args.images else None, fp16_graph=args.fp16_graph)
+    except (ExportError, bundle_mod.BundleError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    meta = bundle_mod.read_meta(Path(args.bundle))
+    p = meta["onnx"]["parity"]
+    print(
+        f"exported {path} (sha256 {meta['onnx']['sha256'][:12]}..., {path.stat().st_size / 1e6:.1f} MB); "
+        f"parity vs torch: max |map diff| {p['max_abs_map']:.1e}, max |score diff| {p['max_abs_score']:.1e}"
+    )
+    return 0

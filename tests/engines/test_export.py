@@ -1,0 +1,61 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from engines import bundle as bundle_mod
+from engines.export import ExportError, export_bundle
+
+
+def test_export_writes_one_verified_file_and_records_its_sha(exported_bundle: Path):
+    meta = bundle_mod.read_meta(exported_bundle)
+    onnx_file = exported_bundle / "model.onnx"
+    assert meta["onnx"]["sha256"] == bundle_mod.sha256_file(onnx_file)
+    assert not list(exported_bundle.glob("*.data")), "no external data files"
+    assert meta["onnx"]["parity"]["max_abs_map"] <= 1e-3
+    model = onnx.load(str(onnx_file))
+    onnx.checker.check_model(model)
+    (inp,) = model.graph.input
+    assert inp.name == "image"
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = [d.dim_value or d.dim_param for d in inp.type.tensor_type.shape.dim]
+    assert dims == ["batch", 128, 128, 3]
+    assert [o.name for o in model.graph.output] == ["anomaly_map", "score"]
+    assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) == 18
+    # everything runs inside the graph: no custom domains TensorRT would not know
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+
+
+def test_failed_parity_check_leaves_no_model(tmp_path: Path, trained_bundle: Path, monkeypatch):
+    import engines.export as ex
+
+    b = tmp_path / "b"
+    shutil.copytree(trained_bundle, b)
+    monkeypatch.setattr(ex, "MAP_ATOL", -1.0)
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_bundle(b)
+    assert not (b / "model.onnx").exists()
+    assert not list(b.glob(".model.*"))
+    assert json.loads((b / "model.json").read_text())["onnx"] is None
+
+
+def test_export_of_a_bundle_without_weights(tmp_path: Path, trained_bundle: Path):
+    b = tmp_path / "b"
+    shutil.copytree(trained_bundle, b)
+    (b / "student.pt").write_bytes(b"garbage")
+    with pytest.raises(bundle_mod.BundleError, match=r"student\.pt could not be loaded"):
+        export_bundle(b)
+
+
+def test_export_cli_reports_parity(capsys, tmp_path: Path, trained_bundle: Path):
+    from edge_app.cli import main
+
+    b = tmp_path / "b"
+    shutil.copytree(trained_bundle, b)
+    assert main(["export", "--bundle", str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "parity vs torch" in out and "model.onnx" in out
+    assert np.isfinite(json.loads((b / "model.json").read_text())["onnx"]["parity"]["max_abs_map"])
