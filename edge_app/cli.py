@@ -61,6 +61,36 @@ def _add_build_engine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", type=int, default=0, help="CUDA device index")
 
 
+def _add_service(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the line service (systemd: Type=notify)")
+    p.add_argument("--config", required=True, help="station YAML (see deploy/config.example.yaml)")
+    p = sub.add_parser("check-config", help="validate a station YAML; exit 0 when valid, 1 otherwise")
+    p.add_argument("file", help="station YAML")
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="thresholds from good parts (interactive, or by flags with --yes)")
+    p.add_argument("--bundle", help="exported model bundle (default: the station config's)")
+    p.add_argument("--config", help="station YAML: model, backend, camera and calibration path from it")
+    p.add_argument("--good", help="folder of good-part images")
+    p.add_argument("--camera", help="grab good parts from this camera of --config instead of a folder")
+    p.add_argument("--count", type=int, help="number of parts to grab from the camera")
+    p.add_argument("--defects", help="folder of defect images (or an MVTec-style dataset) to check the threshold")
+    p.add_argument("--alpha", type=float, help="target false-reject rate (default 0.001)")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence of the false-reject bound")
+    p.add_argument("--method", default="auto", choices=["auto", "order_statistic", "gpd"], help="threshold rule")
+    p.add_argument("--min-area", type=int, help="minimum defect area in model pixels (default: from good parts)")
+    p.add_argument("--backend", help="runtime backend (default: the config's, else onnxruntime)")
+    p.add_argument("--out", help="calibration YAML to write (default: the config's calibration.file)")
+    p.add_argument("--report", help="HTML report path (default: next to --out)")
+    p.add_argument("--yes", action="store_true", help="no prompts: accept the proposal")
+    p = sub.add_parser("drift", help="compare new good parts with a calibration; exit 3 when recalibration is due")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--calibration", required=True)
+    p.add_argument("--good", required=True, help="folder of recent good-part images")
+    p.add_argument("--backend", default="onnxruntime")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lineinspect", description="factory-line anomaly inspection")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -70,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synthetic(sub)
     _add_export(sub)
     _add_build_engine(sub)
+    _add_service(sub)
+    _add_calibrate(sub)
     return parser
 
 
@@ -105,6 +137,22 @@ def main(argv: list[str] | None = None) -> int:
         from engines.runtime.tensorrt import main_build_engine
 
         return main_build_engine(args)
+    if args.command == "run":
+        from edge_app.service import main_run
+
+        return main_run(args)
+    if args.command == "check-config":
+        from edge_app.config import main_check_config
+
+        return main_check_config(args)
+    if args.command == "calibrate":
+        from calibration.wizard import main_calibrate
+
+        return main_calibrate(args)
+    if args.command == "drift":
+        from calibration.wizard import main_drift
+
+        return main_drift(args)
     if args.command == "make-synthetic":
         from engines.synthetic import make_dataset
 

@@ -38,7 +38,10 @@ class NetConfig:
     sspcab_after_block: int | None = None
     sspcab_k: int = 1
     sspcab_d: int = 1
-    blur_sigma: float = 4.0
+    blur_sigma: float = 4.0  # in input pixels
+    # Maps are fused and smoothed at 1/fuse_stride of the input size, then upsampled once
+    # (4: the finest tap's resolution; 1: everything at full size, slower on CPUs).
+    fuse_stride: int = 4
     score: str = "max"  # "max" or "topk"
     topk_fraction: float = 0.001
     scale_weights: tuple[float, ...] = field(default_factory=lambda: (1.0, 1.0, 1.0))
@@ -59,6 +62,9 @@ class NetConfig:
         if self.image_size % 16:
             msg = f"image_size must be a multiple of 16, got {self.image_size}"
             raise ValueError(msg)
+        if self.fuse_stride not in (1, 2, 4):
+            msg = f"fuse_stride must be 1, 2 or 4, got {self.fuse_stride}"
+            raise ValueError(msg)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -71,6 +77,7 @@ class NetConfig:
         d = dict(d)
         d["taps"] = tuple(d["taps"])
         d["scale_weights"] = tuple(d["scale_weights"])
+        d.setdefault("fuse_stride", 1)  # bundles written before fuse_stride existed fused at full size
         return cls(**d)
 
 
@@ -130,12 +137,17 @@ class KDModel(nn.Module):
         self.register_buffer("scale_mean", torch.zeros(n))
         self.register_buffer("scale_std", torch.ones(n))
         self.register_buffer("scale_weights", torch.tensor(cfg.scale_weights, dtype=torch.float32))
-        k = gaussian_kernel1d(cfg.blur_sigma) if cfg.blur_sigma > 0 else torch.ones(1)
+        sigma = cfg.blur_sigma / cfg.fuse_stride
+        k = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
         self.register_buffer("blur_k", k)
         # Zero-padded blur divided by the blur of ones: exact border handling with plain convolutions
         # (every runtime, TensorRT included, supports it).
-        size = cfg.image_size
-        self.register_buffer("blur_norm", self._blur_raw(torch.ones(1, 1, size, size)))
+        self.fuse_size = cfg.image_size // cfg.fuse_stride
+        self.register_buffer("blur_norm", self._blur_raw(torch.ones(1, 1, self.fuse_size, self.fuse_size)))
+        # Per-position mean of the fused map on good images (removes systematic hot spots such as
+        # the border rows that TF SAME padding makes) and the spread left after it.
+        self.register_buffer("pos_mean", torch.zeros(1, 1, self.fuse_size, self.fuse_size))
+        self.register_buffer("pos_std", torch.ones(()))
 
     # --- map pieces -------------------------------------------------------------------------
     def _blur_raw(self, m: torch.Tensor) -> torch.Tensor:
@@ -154,21 +166,30 @@ class KDModel(nn.Module):
         return t_feats, s_feats, rec
 
     def scale_maps(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Raw per-scale discrepancy maps upsampled to the input size: list of (N, 1, H, W)."""
-        size = (self.cfg.image_size, self.cfg.image_size)
+        """Raw per-scale discrepancy maps at the fusion size: list of (N, 1, h, w)."""
+        size = (self.fuse_size, self.fuse_size)
         out = []
         for t, s in zip(t_feats, s_feats, strict=True):
             d = cosine_distance(t, s).unsqueeze(1)
-            out.append(F.interpolate(d, size=size, mode="bilinear", align_corners=False))
+            if tuple(d.shape[-2:]) != size:
+                d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+            out.append(d)
         return out
 
-    def fuse(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        """Normalise each scale by its good-image statistics, weight, sum, smooth."""
+    def fuse_raw(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Normalise each scale by its good-image statistics, weight, sum, smooth (at the fusion size)."""
         total = 0
         for i, m in enumerate(maps):
             total = total + self.scale_weights[i] * (m - self.scale_mean[i]) / self.scale_std[i]
-        fused = total / self.scale_weights.sum()
-        return self._blur_raw(fused) / self.blur_norm
+        return self._blur_raw(total / self.scale_weights.sum()) / self.blur_norm
+
+    def fuse(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """``fuse_raw``, minus the good images' per-position mean, scaled, upsampled to the input size."""
+        fused = (self.fuse_raw(maps) - self.pos_mean) / self.pos_std
+        if self.cfg.fuse_stride == 1:
+            return fused
+        size = (self.cfg.image_size, self.cfg.image_size)
+        return F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
 
     def image_score(self, amap: torch.Tensor) -> torch.Tensor:
         flat = amap.flatten(1)
@@ -198,6 +219,17 @@ class KDModel(nn.Module):
         self.teacher.train(False)
         return self
 
-    def set_scale_stats(self, mean: list[float], std: list[float]) -> None:
+    def set_scale_stats(
+        self, mean: list[float], std: list[float], pos_mean: list | None = None, pos_std: float | None = None
+    ) -> None:
         self.scale_mean.copy_(torch.tensor(mean, dtype=torch.float32))
         self.scale_std.copy_(torch.tensor(std, dtype=torch.float32).clamp_min(1e-8))
+        if pos_mean is None:
+            self.pos_mean.zero_()
+        else:
+            pm = torch.tensor(pos_mean, dtype=torch.float32)
+            if pm.shape != self.pos_mean.shape[-2:]:
+                msg = f"pos_mean has shape {tuple(pm.shape)}, expected {tuple(self.pos_mean.shape[-2:])}"
+                raise ValueError(msg)
+            self.pos_mean.copy_(pm.view_as(self.pos_mean))
+        self.pos_std.fill_(1.0 if pos_std is None else max(float(pos_std), 1e-8))

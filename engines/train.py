@@ -53,7 +53,8 @@ class TrainConfig(BaseModel):
     sspcab_after_block: int | None = Field(None, description="block whose output SSPCAB sees (None: deepest-1)")
     taps: list[int] = Field(default_factory=lambda: list(DEFAULT_TAPS), description="teacher blocks to tap")
     scale_weights: list[float] | None = Field(None, description="per-tap weights in the fused map (None: equal)")
-    blur_sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the fused map, pixels")
+    blur_sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the fused map, input pixels")
+    fuse_stride: Literal[1, 2, 4] = Field(4, description="fuse and smooth the maps at 1/N of the input size")
     score: Literal["max", "topk"] = Field("max", description="image score from the map")
     topk_fraction: float = Field(0.001, gt=0, le=1, description="fraction of pixels averaged with score=topk")
     teacher_weights: Path | None = Field(
@@ -72,6 +73,7 @@ class TrainConfig(BaseModel):
             sspcab=self.sspcab,
             sspcab_after_block=self.sspcab_after_block,
             blur_sigma=self.blur_sigma,
+            fuse_stride=self.fuse_stride,
             score=self.score,
             topk_fraction=self.topk_fraction,
             scale_weights=weights,
@@ -166,11 +168,22 @@ def compute_map_stats(model: KDModel, images: np.ndarray, batch_size: int = 16) 
     mean = s1 / count
     std = np.sqrt(np.maximum(s2 / count - mean**2, 1e-12))
     model.set_scale_stats(mean.tolist(), std.tolist())
+    # second pass: per-position mean of the fused map (at the fusion size) and the spread around it
+    fused = []
+    for i in range(0, len(images), batch_size):
+        t, s, _ = model.features(to_tensor(images[i : i + batch_size], device))
+        fused.append(model.fuse_raw(model.scale_maps(t, s)).cpu())
+    fused_all = torch.cat(fused)
+    pos_mean = fused_all.mean(dim=0)[0]
+    pos_std = float((fused_all - pos_mean).std())
+    model.set_scale_stats(mean.tolist(), std.tolist(), pos_mean.tolist(), pos_std)
     _, scores = predict(model, images, batch_size)
     q = np.quantile(scores, [0.5, 0.9, 0.99, 1.0]).tolist() if len(scores) else [float("nan")] * 4
     return {
         "scale_mean": mean.tolist(),
         "scale_std": std.tolist(),
+        "pos_mean": [[round(v, 5) for v in row] for row in pos_mean.tolist()],
+        "pos_std": pos_std,
         "n_images": len(images),
         "good_score": {
             "mean": float(np.mean(scores)),
@@ -210,7 +223,7 @@ def load_bundle_model(bundle: Path, device: str = "cpu", teacher_weights: Path |
         msg = f"{pt} could not be loaded as this bundle's student weights: {exc}"
         raise bundle_mod.BundleError(msg) from exc
     stats = meta["map_stats"]
-    model.set_scale_stats(stats["scale_mean"], stats["scale_std"])
+    model.set_scale_stats(stats["scale_mean"], stats["scale_std"], stats.get("pos_mean"), stats.get("pos_std"))
     return model.to(pick_device(device)).eval()
 
 

@@ -1,0 +1,64 @@
+"""Replays a folder of images in name order, at a set rate or as fast as the line takes them."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import cv2
+
+from edge_app.capture import Camera, CameraError
+from edge_app.frame import Frame
+
+log = logging.getLogger(__name__)
+EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class FolderCameraSource(Camera):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.files: list = []
+        self.index = 0
+        self.next_t = 0.0
+
+    def open(self) -> None:
+        path = self.cfg.path
+        if not path.is_dir():
+            msg = f"[{self.id}] image folder not found: {path}"
+            raise CameraError(msg)
+        self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in EXTS)
+        if not self.files:
+            msg = f"[{self.id}] no images in {path}"
+            raise CameraError(msg)
+        self.next_t = time.monotonic()
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.cfg.loop and self.index >= len(self.files)
+
+    def grab(self, timeout_s: float) -> list[Frame]:
+        if self.exhausted:
+            time.sleep(min(timeout_s, 0.05))
+            return []
+        if self.cfg.rate_hz:
+            wait = self.next_t - time.monotonic()
+            if wait > timeout_s:
+                time.sleep(timeout_s)
+                return []
+            if wait > 0:
+                time.sleep(wait)
+            self.next_t = max(self.next_t + 1.0 / self.cfg.rate_hz, time.monotonic() - 1.0)
+        path = self.files[self.index % len(self.files)]
+        self.index += 1
+        seq = self.next_seq()
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        frame = Frame(self.id, seq, str(seq), time.time())
+        if img is None:
+            frame.error, frame.detail = "grab_failed", f"cannot read {path.name}"
+        else:
+            frame.image = img
+            frame.detail = path.name
+        return [frame]
+
+    def close(self) -> None:
+        self.files = []

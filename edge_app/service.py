@@ -1,0 +1,444 @@
+"""The line service: capture -> bounded queue -> inspect/decide -> decision log -> MQTT.
+
+Threads share one stop event. Every trigger yields exactly one verdict: grab failures, skipped
+buffers, queue overruns, runtime errors, pauses and deadline misses become ``not_inspected`` with
+a reason. SIGTERM drains in-flight frames (their verdicts are stored and published), SIGHUP
+reloads the calibration. sd_notify READY after warm-up, WATCHDOG only while the threads make
+progress.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from calibration.calibfile import CalibrationError, load_calibration
+from edge_app.capture import Camera, CameraError, make_camera
+from edge_app.config import ConfigError, ServiceConfig, load_config
+from edge_app.frame import Frame, Verdict
+from edge_app.inspect import Inspector
+from edge_app.metrics import Metrics, MetricsServer
+from edge_app.publish import Publisher
+from edge_app.sdnotify import Notifier
+from edge_app.store import Archive, DecisionLog, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says what to fix."""
+
+
+def _describe_metrics(m: Metrics) -> None:
+    m.describe("frames_total", "counter", "frames (triggers) seen, by camera")
+    m.describe("verdicts_total", "counter", "verdicts by kind")
+    m.describe("not_inspected_total", "counter", "not_inspected verdicts by reason")
+    m.describe("verdicts_published_total", "counter", "verdict messages published (late or not)")
+    m.describe("verdicts_delivered_total", "counter", "verdict messages acknowledged by the broker")
+    m.describe("stage_latency_ms", "histogram", "latency per stage in milliseconds")
+    m.describe("total_latency_ms", "histogram", "grab to decision in milliseconds")
+    m.describe("queue_depth", "gauge", "frames waiting for inspection")
+    m.describe("outbox_backlog", "gauge", "verdicts not yet acknowledged by the broker")
+    m.describe("camera_reconnects_total", "counter", "camera reopen attempts after a loss")
+    m.describe("camera_connected", "gauge", "1 while the camera is open")
+    m.describe("mqtt_connected", "gauge", "1 while connected to the broker")
+    m.describe("mqtt_connect_failures_total", "counter", "refused broker connections")
+    m.describe("store_errors_total", "counter", "decision log write failures (verdicts kept in memory)")
+    m.describe("archive_dropped_total", "counter", "images not archived (queue full or disk error)")
+
+
+class CameraWorker:
+    def __init__(self, svc: Service, cam: Camera):
+        self.svc = svc
+        self.cam = cam
+        self.cfg = cam.cfg
+        self.thread = threading.Thread(target=self._run, name=f"capture-{cam.id}", daemon=True)
+        self.heartbeat = time.monotonic()
+        self.connected = False
+        self.part_ids: collections.deque[str] = collections.deque()
+        self.part_cond = threading.Condition()
+
+    def _assign_part_id(self, f: Frame) -> None:
+        src = self.cfg.part_id
+        if f.detail == "part id from trigger":
+            pass
+        elif src.source == "block_id" and f.block_id is not None:
+            f.part_id = str(f.block_id)
+        elif src.source == "mqtt":
+            with self.part_cond:
+                if not self.part_ids:
+                    self.part_cond.wait(src.mqtt_wait_ms / 1000)
+                if self.part_ids:
+                    f.part_id = self.part_ids.popleft()
+                else:
+                    f.part_id = f"missing-{f.seq}"
+                    f.detail = (f.detail + "; " if f.detail else "") + "no part id from the PLC in time"
+        f.part_id = f"{src.prefix}{f.part_id}"
+
+    def push_part_id(self, part_id: str) -> None:
+        with self.part_cond:
+            self.part_ids.append(part_id)
+            self.part_cond.notify_all()
+
+    def _run(self) -> None:
+        backoff = self.cfg.reconnect.initial_ms / 1000
+        stop = self.svc.stop_capture
+        m = self.svc.metrics
+        while not stop.is_set():
+            self.heartbeat = time.monotonic()
+            if not self.connected:
+                try:
+                    self.cam.open()
+                    self.connected = True
+                    backoff = self.cfg.reconnect.initial_ms / 1000
+                    m.set("camera_connected", 1, camera=self.cam.id)
+                    self.svc.camera_state(self.cam.id, "connected")
+                except CameraError as exc:
+                    log.error("[%s] %s; retrying in %.1f s", self.cam.id, exc, backoff)
+                    self.svc.camera_state(self.cam.id, f"reconnecting: {exc}")
+                    m.inc("camera_reconnects_total", camera=self.cam.id)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, self.cfg.reconnect.max_ms / 1000)
+                    continue
+            try:
+                frames = self.cam.grab(self.cfg.grab_timeout_ms / 1000)
+            except CameraError as exc:
+                log.error("[%s] camera lost: %s", self.cam.id, exc)
+                self.connected = False
+                m.set("camera_connected", 0, camera=self.cam.id)
+                self.svc.camera_state(self.cam.id, f"lost: {exc}")
+                self.cam.close()
+                continue
+            for f in frames:
+                self._assign_part_id(f)
+                self.svc.submit(f)
+            if self.cam.exhausted:
+                self.svc.camera_state(self.cam.id, "finished")
+                self.svc.finished_camera(self.cam.id)
+                break
+        self.cam.close()
+        m.set("camera_connected", 0, camera=self.cam.id)
+
+
+class Service:
+    def __init__(self, cfg: ServiceConfig, config_path: Path | None = None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.stop_event = threading.Event()
+        self.stop_capture = threading.Event()
+        self.paused = threading.Event()
+        self.metrics = Metrics()
+        _describe_metrics(self.metrics)
+        self.notifier = Notifier()
+        self.started_at = time.time()
+        self.queue: queue.Queue[Frame] = queue.Queue(maxsize=cfg.decision.queue_size)
+        self.unstored: collections.deque[Verdict] = collections.deque()
+        self.counts = collections.Counter()
+        self.cam_states: dict[str, str] = {}
+        self.finished: set[str] = set()
+        self.worker_heartbeat = time.monotonic()
+        self._sink_lock = threading.Lock()
+
+        from engines.bundle import BundleError
+        from engines.runtime import ModelFileError, SDKMissingError, load_runtime
+
+        opts: dict[str, Any] = {}
+        if cfg.model.threads:
+            opts["threads"] = cfg.model.threads
+        if cfg.model.device:
+            opts["device"] = cfg.model.device
+        if cfg.model.precision:
+            opts["precision"] = cfg.model.precision
+        try:
+            self.runtime = load_runtime(cfg.model.backend, cfg.model.bundle, **opts)
+        except (BundleError, ModelFileError, SDKMissingError, ValueError) as exc:
+            raise StartupError(f"model: {exc}") from exc
+        try:
+            cal = load_calibration(cfg.calibration.file, self.runtime.model_sha256)
+        except CalibrationError as exc:
+            raise StartupError(f"calibration: {exc}") from exc
+        self.inspector = Inspector(self.runtime, cal, cfg.station.station)
+        try:
+            self.db = DecisionLog(cfg.storage.database)
+        except StoreError as exc:
+            raise StartupError(f"storage: {exc}") from exc
+        self.archive = Archive(cfg.storage.archive_dir, cfg.storage.quota_mb)
+        try:
+            self.publisher = Publisher(cfg.mqtt, cfg.station, self.db, self.command, self.metrics, self.started_at)
+        except ValueError as exc:
+            raise StartupError(f"mqtt: {exc}") from exc
+        self.cameras = []
+        for cam_cfg in cfg.cameras:
+            try:
+                cam = make_camera(cam_cfg)
+            except CameraError as exc:
+                raise StartupError(f"camera {cam_cfg.id}: {exc}") from exc
+            cam.seq = self.db.last_seq(cam.id)  # keys stay unique across restarts
+            self.cameras.append(CameraWorker(self, cam))
+        self.worker = threading.Thread(target=self._inspect_loop, name="inspect", daemon=True)
+        self.metrics_server = None
+        if cfg.metrics.enabled:
+            try:
+                self.metrics_server = MetricsServer(self.metrics, cfg.metrics.bind_address, cfg.metrics.port)
+            except OSError as exc:
+                raise StartupError(
+                    f"metrics: cannot listen on {cfg.metrics.bind_address}:{cfg.metrics.port}: {exc}"
+                ) from exc
+        self.ok_counter = 0
+
+    # --- frames and verdicts --------------------------------------------------------------
+    def submit(self, f: Frame) -> None:
+        self.metrics.inc("frames_total", camera=f.camera_id)
+        try:
+            self.queue.put_nowait(f)
+        except queue.Full:
+            self.sink(self.inspector.not_inspected(f, "queue_overrun", f"queue of {self.queue.maxsize} frames full"))
+        self.metrics.set("queue_depth", self.queue.qsize())
+
+    def _inspect_loop(self) -> None:
+        deadline = self.cfg.decision.deadline_ms
+        while True:
+            self.worker_heartbeat = time.monotonic()
+            try:
+                f = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                if self.stop_capture.is_set() and all(not c.thread.is_alive() for c in self.cameras):
+                    break
+                continue
+            t_deq = time.monotonic()
+            self.metrics.set("queue_depth", self.queue.qsize())
+            if self.paused.is_set():
+                v = self.inspector.not_inspected(f, "paused", "inspection paused by command")
+            elif deadline and (t_deq - f.t_mono) * 1000 > deadline:
+                v = self.inspector.not_inspected(f, "late", f"waited {(t_deq - f.t_mono) * 1000:.0f} ms in the queue")
+            else:
+                v = self.inspector.inspect(f, t_deq)
+                total = (time.monotonic() - f.t_mono) * 1000
+                if deadline and total > deadline and v.verdict != "not_inspected":
+                    detail = f"decided {v.verdict} (score {v.score}) after {total:.0f} ms > deadline {deadline:.0f} ms"
+                    late = self.inspector.not_inspected(f, "late", detail)
+                    late.score, late.latency_ms = v.score, v.latency_ms
+                    v = late
+            self.sink(v)
+
+    def sink(self, v: Verdict) -> None:
+        """Count, log to the outbox (before publishing), archive, wake the publisher."""
+        total_ms = (v.t_decided - v.t_grab) * 1000
+        v.latency_ms.setdefault("total", round(total_ms, 3))
+        m = self.metrics
+        m.inc("verdicts_total", verdict=v.verdict)
+        if v.verdict == "not_inspected":
+            m.inc("not_inspected_total", reason=v.reason or "unknown")
+        for stage, ms in v.latency_ms.items():
+            if stage != "total":
+                m.observe("stage_latency_ms", ms, stage=stage)
+        m.observe("total_latency_ms", total_ms)
+        with self._sink_lock:
+            self.counts[v.verdict] += 1
+            try:
+                self._flush_unstored()
+                self.db.insert(v)
+            except StoreError as exc:
+                m.inc("store_errors_total")
+                log.error("decision log write failed, verdict %s kept in memory: %s", v.key, exc)
+                self.unstored.append(v)
+        self._archive(v)
+        self.publisher.notify()
+
+    def _flush_unstored(self) -> None:
+        while self.unstored:
+            self.db.insert(self.unstored[0])
+            self.unstored.popleft()
+
+    def _archive(self, v: Verdict) -> None:
+        keep = self.cfg.storage.keep
+        want = (v.verdict == "ng" and keep.ng) or (v.verdict == "not_inspected" and keep.not_inspected)
+        if v.verdict == "ok" and keep.ok_every:
+            self.ok_counter += 1
+            want = self.ok_counter % keep.ok_every == 0
+        if want and v.image is not None and not self.archive.submit(dataclasses.replace(v)):
+            self.metrics.inc("archive_dropped_total")
+        v.image = v.amap = None  # the verdict lives on in the log; the pixels only in the archive
+
+    # --- commands, calibration ---------------------------------------------------------------
+    def camera_state(self, cam_id: str, state: str) -> None:
+        if self.cam_states.get(cam_id) != state:
+            self.cam_states[cam_id] = state
+            self.publisher.publish_status(cameras=dict(self.cam_states))
+
+    def finished_camera(self, cam_id: str) -> None:
+        self.finished.add(cam_id)
+
+    def reload_calibration(self) -> dict:
+        try:
+            cal = load_calibration(self.cfg.calibration.file, self.runtime.model_sha256)
+            self.inspector.set_calibration(cal)
+        except (CalibrationError, ValueError) as exc:
+            log.error("calibration reload refused, keeping %s: %s", self.inspector.calibration.id, exc)
+            return {"ok": False, "error": str(exc), "calibration_id": self.inspector.calibration.id}
+        log.info("calibration reloaded: %s (image threshold %.4f)", cal.id, cal.image_threshold)
+        self.publisher.publish_status(calibration_id=cal.id)
+        return {"ok": True, "calibration_id": cal.id}
+
+    def _camera(self, payload: dict) -> CameraWorker:
+        cam_id = payload.get("camera")
+        if cam_id is None:
+            if len(self.cameras) != 1:
+                msg = f'several cameras: say which one with "camera" ({", ".join(c.cam.id for c in self.cameras)})'
+                raise ValueError(msg)
+            return self.cameras[0]
+        for c in self.cameras:
+            if c.cam.id == cam_id:
+                return c
+        msg = f"unknown camera {cam_id!r}"
+        raise ValueError(msg)
+
+    def command(self, name: str, payload: dict) -> dict:
+        if name == "reload_calibration":
+            return self.reload_calibration()
+        if name == "pause":
+            self.paused.set()
+            self.publisher.publish_status(paused=True)
+            return {"ok": True, "paused": True}
+        if name == "resume":
+            self.paused.clear()
+            self.publisher.publish_status(paused=False)
+            return {"ok": True, "paused": False}
+        part_id = payload.get("part_id")
+        if part_id is not None and (not isinstance(part_id, (str, int)) or isinstance(part_id, bool)):
+            msg = "part_id must be a string or an integer"
+            raise ValueError(msg)
+        worker = self._camera(payload)
+        if name == "part_id":
+            if part_id is None:
+                msg = 'part_id command needs "part_id"'
+                raise ValueError(msg)
+            worker.push_part_id(str(part_id))
+            return {"ok": True}
+        if name == "trigger":
+            if not worker.cam.trigger(str(part_id) if part_id is not None else None):
+                msg = f"camera {worker.cam.id} has no software trigger (trigger.mode must be software)"
+                raise ValueError(msg)
+            return {"ok": True}
+        msg = f"unknown command {name!r}"
+        raise ValueError(msg)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {
+            "verdicts": dict(self.counts),
+            "queue_depth": self.queue.qsize(),
+            "outbox_backlog": self.db.backlog(),
+            "unstored": len(self.unstored),
+            "paused": self.paused.is_set(),
+            "archive": self.archive.stats(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+
+    def start(self) -> None:
+        self.runtime.warmup(self.cfg.model.warmup_runs)
+        self.publisher.publish_status(
+            model_sha256=self.runtime.model_sha256,
+            calibration_id=self.inspector.calibration.id,
+            backend=self.runtime.name,
+            started_at=round(self.started_at, 3),
+            paused=False,
+            cameras={},
+        )
+        self.archive.start()
+        self.publisher.start()
+        if self.metrics_server:
+            self.metrics_server.start()
+        self.worker.start()
+        for c in self.cameras:
+            c.thread.start()
+        self.notifier.ready(f"inspecting with {self.runtime.describe()}")
+        log.info(
+            "station %s/%s ready: %s, calibration %s",
+            self.cfg.station.line,
+            self.cfg.station.station,
+            self.runtime.describe(),
+            self.inspector.calibration.id,
+        )
+
+    def healthy(self, max_age_s: float) -> bool:
+        now = time.monotonic()
+        beats = [self.worker_heartbeat, self.publisher.heartbeat]
+        beats += [c.heartbeat for c in self.cameras if c.thread.is_alive()]
+        return all(now - b < max_age_s for b in beats)
+
+    def run_forever(self, install_signals: bool = True) -> int:
+        if install_signals:
+            signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+            signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+            signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.reload_calibration).start())
+        self.start()
+        wd = self.notifier.watchdog_s
+        tick = min(wd / 3, 1.0) if wd else 1.0
+        next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
+        next_purge = time.monotonic()
+        while not self.stop_event.wait(tick):
+            self.metrics.set("outbox_backlog", self.db.backlog())
+            if self.unstored:
+                with self._sink_lock, contextlib.suppress(StoreError):
+                    self._flush_unstored()
+            if self.healthy(max_age_s=(wd / 2) if wd else 10.0):
+                self.notifier.watchdog()
+            pub = self.publisher
+            mq = "connected" if pub.connected else f"disconnected ({pub.last_error or 'retrying'})"
+            self.notifier.status(
+                f"{sum(self.counts.values())} verdicts, backlog {self.db.backlog()}, MQTT {mq}"
+                + (", PAUSED" if self.paused.is_set() else "")
+            )
+            if time.monotonic() >= next_stats:
+                self.publisher.publish_stats(self.stats())
+                next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
+            if self.cfg.storage.retention_days and time.monotonic() >= next_purge:
+                self.db.purge_delivered_before(time.time() - self.cfg.storage.retention_days * 86400)
+                next_purge = time.monotonic() + 3600
+        return self.shutdown()
+
+    def shutdown(self, drain_timeout_s: float = 10.0) -> int:
+        log.info("stopping: draining in-flight frames")
+        self.notifier.stopping()
+        self.stop_capture.set()
+        for c in self.cameras:
+            c.thread.join(10)
+        self.worker.join(30)
+        delivered = self.publisher.drain(drain_timeout_s)
+        if not delivered:
+            log.warning(
+                "%d verdict(s) not yet acknowledged: they stay in the outbox for the next start", self.db.backlog()
+            )
+        self.publisher.stop()
+        self.archive.stop()
+        if self.metrics_server:
+            self.metrics_server.stop()
+        self.runtime.close()
+        self.db.close()
+        self.notifier.close()
+        return 0
+
+
+def main_run(args) -> int:
+    try:
+        cfg = load_config(Path(args.config))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    logging.getLogger().setLevel(cfg.logging.level)
+    try:
+        svc = Service(cfg, Path(args.config))
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return svc.run_forever()

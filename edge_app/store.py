@@ -1,0 +1,299 @@
+"""Decision log (SQLite, WAL) that is also the MQTT outbox, and the image archive under a quota.
+
+A verdict is written here before it is published and marked delivered on the broker's ack; after
+an outage or a restart the undelivered rows are published again, oldest first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edge_app.frame import Verdict
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS verdicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    station TEXT NOT NULL,
+    camera_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    part_id TEXT NOT NULL,
+    verdict TEXT NOT NULL CHECK (verdict IN ('ok', 'ng', 'not_inspected')),
+    reason TEXT,
+    score REAL,
+    threshold REAL,
+    regions TEXT NOT NULL,
+    latency TEXT NOT NULL,
+    model_sha TEXT,
+    calibration_id TEXT,
+    detail TEXT,
+    t_grab REAL NOT NULL,
+    t_decided REAL NOT NULL,
+    created_at REAL NOT NULL,
+    published_at REAL,
+    delivered_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS verdicts_undelivered ON verdicts (id) WHERE delivered_at IS NULL;
+CREATE INDEX IF NOT EXISTS verdicts_created ON verdicts (created_at);
+"""
+
+
+class StoreError(RuntimeError):
+    """The decision log cannot be written (disk full, read-only, corrupt)."""
+
+
+@dataclass
+class Row:
+    id: int
+    key: str
+    station: str
+    camera_id: str
+    seq: int
+    part_id: str
+    verdict: str
+    reason: str | None
+    score: float | None
+    threshold: float | None
+    regions: list
+    latency: dict
+    model_sha: str | None
+    calibration_id: str | None
+    detail: str | None
+    t_grab: float
+    t_decided: float
+    created_at: float
+    published_at: float | None
+    delivered_at: float | None
+    attempts: int
+
+
+class DecisionLog:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=5)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            msg = f"cannot open the decision log {self.path}: {exc}"
+            raise StoreError(msg) from exc
+        self.lock = threading.Lock()
+
+    def insert(self, v: Verdict) -> int:
+        now = time.time()
+        row = (
+            v.key,
+            v.station,
+            v.camera_id,
+            v.seq,
+            v.part_id,
+            v.verdict,
+            v.reason,
+            v.score,
+            v.threshold,
+            json.dumps(v.regions),
+            json.dumps(v.latency_ms),
+            v.model_sha,
+            v.calibration_id,
+            v.detail,
+            v.t_grab,
+            v.t_decided,
+            now,
+        )
+        try:
+            with self.lock:
+                cur = self.db.execute(
+                    "INSERT INTO verdicts (key, station, camera_id, seq, part_id, verdict, reason, score, threshold,"
+                    " regions, latency, model_sha, calibration_id, detail, t_grab, t_decided, created_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    row,
+                )
+                return int(cur.lastrowid)
+        except sqlite3.IntegrityError as exc:
+            msg = f"verdict key {v.key} is already in the log (duplicate trigger id?)"
+            raise StoreError(msg) from exc
+        except sqlite3.Error as exc:
+            msg = f"cannot write to the decision log {self.path}: {exc}"
+            raise StoreError(msg) from exc
+
+    def pending(self, after_id: int = 0, limit: int = 100) -> list[Row]:
+        with self.lock:
+            cur = self.db.execute(
+                "SELECT * FROM verdicts WHERE delivered_at IS NULL AND id > ? ORDER BY id LIMIT ?", (after_id, limit)
+            )
+            return [self._row(r) for r in cur.fetchall()]
+
+    def mark_published(self, row_id: int, t: float) -> None:
+        with self.lock:
+            self.db.execute("UPDATE verdicts SET published_at = ?, attempts = attempts + 1 WHERE id = ?", (t, row_id))
+
+    def mark_delivered(self, row_id: int, t: float) -> None:
+        with self.lock:
+            self.db.execute("UPDATE verdicts SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL", (t, row_id))
+
+    def last_seq(self, camera_id: str) -> int:
+        """Highest sequence number logged for a camera: sequence numbers continue across restarts."""
+        with self.lock:
+            v = self.db.execute("SELECT MAX(seq) FROM verdicts WHERE camera_id = ?", (camera_id,)).fetchone()[0]
+            return int(v or 0)
+
+    def backlog(self) -> int:
+        with self.lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM verdicts WHERE delivered_at IS NULL").fetchone()[0])
+
+    def count(self) -> int:
+        with self.lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0])
+
+    def rows(self) -> list[Row]:
+        with self.lock:
+            return [self._row(r) for r in self.db.execute("SELECT * FROM verdicts ORDER BY id").fetchall()]
+
+    def purge_delivered_before(self, t: float) -> int:
+        with self.lock:
+            return self.db.execute(
+                "DELETE FROM verdicts WHERE delivered_at IS NOT NULL AND created_at < ?", (t,)
+            ).rowcount
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    @staticmethod
+    def _row(r: tuple) -> Row:
+        vals = list(r)
+        vals[10] = json.loads(vals[10])
+        vals[11] = json.loads(vals[11])
+        return Row(*vals)
+
+
+# ------------------------------------------------------------------------------------------------
+# image archive
+# ------------------------------------------------------------------------------------------------
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:120]
+
+
+class Archive:
+    """Writes part images + heatmap overlays in a background thread; never blocks the line.
+
+    Deletes the oldest files when the folder grows past the quota; a full disk drops the item
+    (counted, logged) instead of stopping inspection.
+    """
+
+    def __init__(self, root: Path, quota_mb: float, queue_size: int = 32):
+        self.root = Path(root)
+        self.quota = int(quota_mb * 1024 * 1024)
+        self.q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.dropped = 0
+        self.written = 0
+        self.deleted = 0
+        self.errors = 0
+        self.size = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="archive", daemon=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.size = sum(p.stat().st_size for p in self.root.rglob("*.png"))
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, v: Verdict) -> bool:
+        if v.image is None:
+            return False
+        try:
+            self.q.put_nowait(v)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            log.warning("archive queue full: image of %s not archived", v.key)
+            return False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while not (self._stop.is_set() and self.q.empty()):
+            try:
+                v = self.q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._write(v)
+            except Exception as exc:
+                self.errors += 1
+                log.error("archive write failed for %s: %s", v.key, exc)
+
+    def _write(self, v: Verdict) -> None:
+        day = time.strftime("%Y-%m-%d", time.localtime(v.t_grab))
+        folder = self.root / day
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{int(v.t_grab * 1000)}_{_safe(v.camera_id)}_{_safe(v.part_id)}_{v.seq}_{v.verdict}"
+        img = v.image
+        files = [(folder / f"{stem}.png", img)]
+        if v.amap is not None:
+            from engines.evaluate import heat_overlay
+
+            rgb = cv2.cvtColor(img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2BGR), cv2.COLOR_BGR2RGB)
+            rgb = cv2.resize(rgb, (v.amap.shape[1], v.amap.shape[0]), interpolation=cv2.INTER_AREA)
+            lo = 0.0
+            hi = max(float(v.threshold or 0) * 1.5, float(np.max(v.amap)), 1e-3)
+            files.append((folder / f"{stem}_heat.png", heat_overlay(rgb, v.amap, lo, hi)))
+        for path, arr in files:
+            ok, buf = cv2.imencode(".png", arr)
+            if not ok:
+                raise OSError(f"PNG encoding failed for {path}")
+            data = buf.tobytes()
+            self._make_room(len(data))
+            with open(path, "wb") as f:
+                f.write(data)
+            self.size += len(data)
+            self.written += 1
+
+    def _make_room(self, incoming: int) -> None:
+        if self.size + incoming <= self.quota:
+            return
+        target = int(self.quota * 0.9) - incoming
+        files = sorted(self.root.rglob("*.png"), key=lambda p: (p.stat().st_mtime, p.name))
+        for p in files:
+            if self.size <= target:
+                break
+            try:
+                sz = p.stat().st_size
+                p.unlink()
+                self.size -= sz
+                self.deleted += 1
+            except OSError as exc:
+                log.warning("archive: cannot delete %s: %s", p, exc)
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and not any(d.iterdir()):
+                os.rmdir(d)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "written": self.written,
+            "dropped": self.dropped,
+            "deleted": self.deleted,
+            "errors": self.errors,
+            "bytes": self.size,
+        }

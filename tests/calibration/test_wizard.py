@@ -1,0 +1,197 @@
+"""The calibration wizard, by flags and through its prompts in a real pseudo-terminal."""
+
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+import yaml
+
+from edge_app.cli import main
+
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def good_parts(tmp_path_factory) -> Path:
+    from engines.synthetic import make_dataset
+
+    root = make_dataset(
+        tmp_path_factory.mktemp("calparts") / "ds", n_train=70, n_test_good=2, n_test_per_defect=6, size=128, seed=7
+    )
+    return root
+
+
+def test_calibrate_by_flags_writes_file_and_report(tmp_path, exported_bundle, good_parts, capsys):
+    out = tmp_path / "cal.yaml"
+    code = main(
+        [
+            "calibrate",
+            "--bundle",
+            str(exported_bundle),
+            "--good",
+            str(good_parts / "train" / "good"),
+            "--defects",
+            str(good_parts),
+            "--alpha",
+            "0.01",
+            "--yes",
+            "--out",
+            str(out),
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 0, text
+    cal = yaml.safe_load(out.read_text())
+    import json
+
+    meta = json.loads((exported_bundle / "model.json").read_text())
+    assert cal["model_onnx_sha256"] == meta["onnx"]["sha256"]
+    assert cal["method"]["image"]["method"] == "gpd"  # 70 parts < 299 needed for alpha 1% distribution-free
+    assert cal["samples"]["n_good"] == 70 and cal["samples"]["n_defect"] == 18
+    frr = cal["expected_false_reject_rate"]
+    assert frr["lower"] <= frr["estimate"] <= frr["upper"] and frr["target"] == 0.01
+    assert len(cal["extra"]["good_scores"]) == 70
+    assert "miss rate" in text and "zero-miss threshold" in text and "rule: gpd" in text
+    html = out.with_suffix(".html").read_text()
+    assert html.count("data:image/png;base64,") >= 4  # histogram, ROC, example heatmaps
+    assert "Highest-scoring good parts" in html
+    # the service side reads it and binds it to the model
+    from calibration.calibfile import load_calibration
+
+    loaded = load_calibration(out, meta["onnx"]["sha256"])
+    assert loaded.image_threshold == cal["thresholds"]["image_score"]
+
+
+def test_calibrate_refuses_too_few_parts(tmp_path, exported_bundle, synthetic_root, capsys):
+    few = tmp_path / "few"
+    few.mkdir()
+    import shutil
+
+    for p in sorted((synthetic_root / "train" / "good").iterdir())[:12]:
+        shutil.copy(p, few / p.name)
+    code = main(
+        [
+            "calibrate",
+            "--bundle",
+            str(exported_bundle),
+            "--good",
+            str(few),
+            "--yes",
+            "--alpha",
+            "0.001",
+            "--out",
+            str(tmp_path / "c.yaml"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "12 good parts are too few: at least 50 are needed (2995" in err
+    assert not (tmp_path / "c.yaml").exists()
+
+
+def test_interactive_wizard_in_a_terminal(tmp_path, exported_bundle, good_parts):
+    out = tmp_path / "cal.yaml"
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "edge_app.cli", "calibrate", "--bundle", str(exported_bundle), "--out", str(out)],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=120,
+    )
+    child.expect("good parts: a folder of images")
+    child.sendline(str(good_parts / "train" / "good"))
+    child.expect("target false-reject rate alpha")
+    child.sendline("0.02")
+    child.expect("good parts: \\[")  # the live progress bar
+    child.expect("folder of defect images")
+    child.sendline("")
+    child.expect("proposed image threshold")
+    child.expect("accept and write the calibration")
+    child.sendline("y")
+    child.expect("written to")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    cal = yaml.safe_load(out.read_text())
+    assert cal["expected_false_reject_rate"]["target"] == 0.02
+
+
+def test_interactive_wizard_can_decline(tmp_path, exported_bundle, good_parts):
+    out = tmp_path / "cal.yaml"
+    child = pexpect.spawn(
+        sys.executable,
+        [
+            "-m",
+            "edge_app.cli",
+            "calibrate",
+            "--bundle",
+            str(exported_bundle),
+            "--good",
+            str(good_parts / "train" / "good"),
+            "--alpha",
+            "0.05",
+            "--out",
+            str(out),
+        ],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=120,
+    )
+    child.expect("folder of defect images")
+    child.sendline("")
+    child.expect("accept and write the calibration")
+    child.sendline("n")
+    child.expect("not written")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1 and not out.exists()
+
+
+def test_drift_command(tmp_path, exported_bundle, good_parts, capsys):
+    out = tmp_path / "cal.yaml"
+    assert (
+        main(
+            [
+                "calibrate",
+                "--bundle",
+                str(exported_bundle),
+                "--good",
+                str(good_parts / "train" / "good"),
+                "--alpha",
+                "0.05",
+                "--yes",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    # the same good parts: no drift
+    assert (
+        main(
+            [
+                "drift",
+                "--bundle",
+                str(exported_bundle),
+                "--calibration",
+                str(out),
+                "--good",
+                str(good_parts / "train" / "good"),
+            ]
+        )
+        == 0
+    )
+    # defective parts presented as "good": the distribution moved
+    code = main(
+        [
+            "drift",
+            "--bundle",
+            str(exported_bundle),
+            "--calibration",
+            str(out),
+            "--good",
+            str(good_parts / "test" / "scratch"),
+        ]
+    )
+    assert code == 3 and "RECALIBRATION DUE" in capsys.readouterr().out
