@@ -27,10 +27,11 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: venv
-	$(VENV)/bin/lineinspect make-synthetic --out $(DEMO)/parts --size 256
-	test -f $(DEMO)/bundle/model.json || $(VENV)/bin/lineinspect train --data $(DEMO)/parts --out $(DEMO)/bundle --epochs 8
-	$(VENV)/bin/lineinspect evaluate --bundle $(DEMO)/bundle --data $(DEMO)/parts --out $(DEMO)/eval
-	@echo "demo: export, calibration and the MQTT line service: not yet (see the open issues)"
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		  (apt-get update -q && apt-get install -y -q --no-install-recommends mosquitto); } || \
+		{ echo "install the mosquitto MQTT broker first (e.g. sudo apt-get install mosquitto)"; exit 1; }
+	$(VENV)/bin/lineinspect demo --out $(DEMO)
 
 clean:
 	rm -rf $(VENV) $(DEMO) runs

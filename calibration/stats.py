@@ -129,7 +129,7 @@ def fit_gpd_pwm(excess: np.ndarray) -> tuple[float, float]:
     k = a0 / denom - 2.0
     sigma = 2.0 * a0 * a1 / denom
     xi = -k
-    return float(np.clip(xi, -0.5, 0.5)), float(max(sigma, 1e-12))
+    return float(np.clip(xi, -0.5, 0.4)), float(max(sigma, 1e-12))
 
 
 def gpd_quantile(u: float, xi: float, sigma: float, tail_frac: float, alpha: float) -> float:
@@ -176,8 +176,9 @@ def gpd_threshold(
     boot = np.array([fit(rng.choice(s, n, replace=True))[0] for _ in range(n_boot)])
     lo_q, hi_q = (1 - confidence) / 2, 1 - (1 - confidence) / 2
     thr_lo, thr_hi = np.quantile(boot, [lo_q, hi_q])
-    # use the upper confidence bound as the threshold: the FRR target then holds with the stated confidence
-    chosen = float(max(thr_hi, thr))
+    # the fitted quantile is the threshold; the bootstrap gives its interval and the FRR bounds
+    # (the upper bound of an extrapolation from ~100 parts is too unstable to be a threshold)
+    chosen = float(thr)
     tail = m / n
     est = gpd_tail_prob(chosen, u, xi, sigma, tail)
     # FRR bounds at the chosen threshold across the bootstrap fits

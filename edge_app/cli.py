@@ -91,6 +91,15 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="onnxruntime")
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole loop on synthetic parts: train, export, calibrate, run, summary")
+    p.add_argument("--out", default="demo_out", help="work folder (re-runs reuse what is there)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=128, help="model input size (camera frames are 256 px)")
+    p.add_argument("--rate-hz", type=float, default=10.0, help="camera frame rate")
+    p.add_argument("--backend", default="onnxruntime")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lineinspect", description="factory-line anomaly inspection")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -102,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_engine(sub)
     _add_service(sub)
     _add_calibrate(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -153,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         from calibration.wizard import main_drift
 
         return main_drift(args)
+    if args.command == "demo":
+        from edge_app.demo import main_demo
+
+        return main_demo(args)
     if args.command == "make-synthetic":
         from engines.synthetic import make_dataset
 

@@ -51,14 +51,14 @@ class CameraBase(Strict):
 
 
 class FolderCamera(CameraBase):
-    type: Literal["folder"]
+    type: Literal["folder"] = Field(..., description="folder: replay image files")
     path: Path = Field(..., description="folder of images replayed in name order")
     rate_hz: float | None = Field(None, gt=0, description="frames per second (None: as fast as the line takes them)")
     loop: bool = Field(False, description="start again at the first image after the last one")
 
 
 class OpenCVCamera(CameraBase):
-    type: Literal["opencv"]
+    type: Literal["opencv"] = Field(..., description="opencv: USB, RTSP, GStreamer or video file")
     source: int | str = Field(..., description="USB index, RTSP/GStreamer URL or video file")
     width: int | None = Field(None, ge=1, description="requested frame width in pixels")
     height: int | None = Field(None, ge=1, description="requested frame height in pixels")
@@ -82,7 +82,7 @@ class RoiConfig(Strict):
 
 
 class PylonCamera(CameraBase):
-    type: Literal["pylon"]
+    type: Literal["pylon"] = Field(..., description="pylon: Basler camera through pypylon")
     serial: str | None = Field(None, description="select the camera by serial number")
     user_id: str | None = Field(None, description="select the camera by its user-defined name")
     trigger: TriggerConfig = Field(default_factory=TriggerConfig, description="trigger settings")

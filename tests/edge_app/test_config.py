@@ -88,3 +88,11 @@ def test_duplicate_camera_ids(tmp_path):
     p.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="repeated: top"):
         load_config(p)
+
+
+def test_readme_config_reference_is_current():
+    from edge_app.configdoc import markdown
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
+    assert block == markdown(), "README config reference is stale: regenerate with python -m edge_app.configdoc"

@@ -1,0 +1,277 @@
+"""End-to-end throughput and latency of the line service: camera -> inspect -> SQLite -> MQTT ack.
+
+    python benchmarks/e2e.py [--frames 600] [--bundle BUNDLE] [--threads 2]
+
+Runs `lineinspect run` as a separate process (as systemd would) against a real mosquitto on a free
+loopback port, with (1) the folder camera at full speed and (2) the pylon camera emulator with a
+software trigger at --pylon-rate-hz. Latency is measured per verdict from the frame grab to the
+broker's PUBACK (delivered_at in the decision log); lost = frames - distinct verdicts received by a
+subscriber. Prints a table with the per-stage breakdown and writes benchmarks/results/e2e.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from _machine import machine_name  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_broker(work: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n")
+    proc = subprocess.Popen(
+        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.05)
+    raise RuntimeError("mosquitto did not start")
+
+
+def make_parts(folder: Path, n: int, size: int) -> None:
+    import cv2
+
+    from engines.synthetic import render
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    kinds = [None, None, None, "scratch", None, "spot", None, "dent"]
+    for i in range(n):
+        img, _ = render(rng, size, kinds[i % len(kinds)])
+        cv2.imwrite(str(folder / f"{i:05d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2GRAY))
+
+
+def make_calibration(bundle: Path, parts: Path, out: Path) -> Path:
+    from calibration.calibfile import Calibration, save_calibration
+    from engines.bundle import read_meta, utc_now
+    from engines.data import list_images, load_images
+    from engines.runtime import load_runtime
+
+    rt = load_runtime("onnxruntime", bundle)
+    imgs = load_images(list_images(parts)[:40], rt.size)
+    maps, scores = rt.predict(imgs)
+    cal = Calibration(
+        read_meta(bundle)["onnx"]["sha256"],
+        float(np.quantile(scores, 0.9)),
+        float(np.quantile(maps, 0.9999)),
+        30,
+        created_at=utc_now(),
+    )
+    return save_calibration(cal, out)
+
+
+class Counter:
+    def __init__(self, port: int, topic: str):
+        import paho.mqtt.client as mqtt
+
+        self.keys: set[str] = set()
+        self.n = 0
+        self.lock = threading.Lock()
+        ready = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{port}")
+        c.on_connect = lambda cl, u, f, rc, p: (cl.subscribe(topic, qos=1), ready.set())
+        c.on_message = self._msg
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        ready.wait(10)
+        self.client = c
+
+    def _msg(self, client, userdata, msg) -> None:
+        key = json.loads(msg.payload)["idempotency_key"]
+        with self.lock:
+            self.keys.add(key)
+            self.n += 1
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_case(
+    name: str,
+    camera: dict,
+    frames: int,
+    bundle: Path,
+    cal: Path,
+    port: int,
+    work: Path,
+    threads: int,
+    backend: str,
+    timeout_s: float,
+) -> dict:
+    import yaml
+
+    case = work / name
+    case.mkdir()
+    cfg = {
+        "station": {"line": "bench", "station": name},
+        "cameras": [camera],
+        "model": {"bundle": str(bundle), "backend": backend, "threads": threads},
+        "calibration": {"file": str(cal)},
+        "decision": {"queue_size": 16},
+        "mqtt": {"port": port, "topic_prefix": "bench", "inflight_max": 200},
+        "storage": {"database": str(case / "log.sqlite"), "archive_dir": str(case / "archive"), "quota_mb": 200},
+        "metrics": {"enabled": False},
+    }
+    (case / "station.yaml").write_text(yaml.safe_dump(cfg))
+    counter = Counter(port, f"bench/bench/{name}/result")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if camera["type"] == "pylon":
+        env["PYLON_CAMEMU"] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_app.cli", "run", "--config", str(case / "station.yaml")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(case / "service.log", "w"),
+    )
+    end = time.monotonic() + timeout_s
+    db_path = case / "log.sqlite"
+    rss = None
+    try:
+        while time.monotonic() < end:
+            time.sleep(0.25)
+            if proc.poll() is not None:
+                raise RuntimeError(f"service exited: {(case / 'service.log').read_text()[-2000:]}")
+            rss = max(rss or 0, vm_hwm_mb(proc.pid) or 0)
+            if not db_path.exists():
+                continue
+            with sqlite3.connect(db_path) as db:
+                n, delivered = db.execute("SELECT COUNT(*), COUNT(delivered_at) FROM verdicts").fetchone()
+            if n >= frames and delivered >= frames:
+                break
+    finally:
+        rss = max(rss or 0, vm_hwm_mb(proc.pid) or 0)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    time.sleep(0.5)
+    counter.close()
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute(
+            "SELECT t_grab, delivered_at, latency, verdict FROM verdicts ORDER BY id LIMIT ?", (frames,)
+        ).fetchall()
+    lat = np.array([(d - g) * 1000 for g, d, _, _ in rows if d is not None])
+    t0 = min(g for g, _, _, _ in rows)
+    t1 = max(d for _, d, _, _ in rows if d is not None)
+    stages = {}
+    for key in ("queue", "preprocess", "inference", "decide"):
+        vals = [json.loads(lt).get(key) for _, _, lt, _ in rows]
+        vals = [v for v in vals if v is not None]
+        stages[key] = round(float(np.median(vals)), 2) if vals else None
+    verdicts = {v: sum(1 for r in rows if r[3] == v) for v in ("ok", "ng", "not_inspected")}
+    return {
+        "camera": camera["type"],
+        "backend": backend,
+        "frames": len(rows),
+        "verdicts": len(counter.keys),
+        "lost": len(rows) - len(counter.keys),
+        "verdicts_per_s": round(len(rows) / (t1 - t0), 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "rss_mb": round(rss, 1) if rss else None,
+        "stage_median_ms": stages,
+        "verdict_counts": verdicts,
+        "machine": machine_name(),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=600)
+    ap.add_argument("--bundle", type=Path)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--pylon-rate-hz", type=float, default=30.0)
+    ap.add_argument("--pylon-frames", type=int, default=300)
+    ap.add_argument("--results", type=Path, default=HERE / "results" / "e2e.json")
+    args = ap.parse_args()
+
+    from latency import ensure_bundle
+
+    bundle = ensure_bundle(args.bundle, args.size)
+    work = Path(tempfile.mkdtemp(prefix="lineinspect-e2e-"))
+    parts = work / "parts"
+    make_parts(parts, min(args.frames, 200), args.size)
+    cal = make_calibration(bundle, parts, work / "calibration.yaml")
+    broker, port = start_broker(work)
+    rows = []
+    try:
+        folder_cam = {"id": "cam1", "type": "folder", "path": str(parts), "loop": True}
+        rows.append(
+            run_case("folder", folder_cam, args.frames, bundle, cal, port, work, args.threads, args.backend, 300)
+        )
+        pylon_cam = {
+            "id": "pylon1",
+            "type": "pylon",
+            "trigger": {"mode": "software", "software_rate_hz": args.pylon_rate_hz},
+            "emulator_image_dir": str(parts),
+            "pixel_format": "Mono8",
+            "grab_timeout_ms": 500,
+        }
+        rows.append(
+            run_case("pylon", pylon_cam, args.pylon_frames, bundle, cal, port, work, args.threads, args.backend, 120)
+        )
+    finally:
+        broker.terminate()
+        broker.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"machine: {machine_name()}; {args.size}x{args.size} model, {args.backend}, {args.threads} threads")
+    print(
+        f"{'camera':<8}{'frames':>7}{'verdicts':>9}{'lost':>5}{'verd/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'RSS MB':>8}"
+        "  stage medians ms (queue/pre/infer/decide)"
+    )
+    for r in rows:
+        s = r["stage_median_ms"]
+        print(
+            f"{r['camera']:<8}{r['frames']:>7}{r['verdicts']:>9}{r['lost']:>5}{r['verdicts_per_s']:>8.1f}"
+            f"{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}{r['rss_mb'] or 0:>8.0f}  "
+            f"{s['queue']}/{s['preprocess']}/{s['inference']}/{s['decide']}"
+        )
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
