@@ -158,12 +158,13 @@ def run_case(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if camera["type"] == "pylon":
         env["PYLON_CAMEMU"] = "1"
+    log_file = open(case / "service.log", "w")  # noqa: SIM115 - closed after the process ends
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_app.cli", "run", "--config", str(case / "station.yaml")],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=open(case / "service.log", "w"),
+        stderr=log_file,
     )
     end = time.monotonic() + timeout_s
     db_path = case / "log.sqlite"
@@ -184,6 +185,7 @@ def run_case(
         rss = max(rss or 0, vm_hwm_mb(proc.pid) or 0)
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+        log_file.close()
     time.sleep(0.5)
     counter.close()
     with sqlite3.connect(db_path) as db:
