@@ -185,6 +185,8 @@ class Service:
             cam.seq = self.db.last_seq(cam.id)  # keys stay unique across restarts
             self.cameras.append(CameraWorker(self, cam))
         self.worker = threading.Thread(target=self._inspect_loop, name="inspect", daemon=True)
+        self._housekeeping_stop = threading.Event()
+        self.housekeeping = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
         self.metrics_server = None
         if cfg.metrics.enabled:
             try:
@@ -361,6 +363,7 @@ class Service:
         self.worker.start()
         for c in self.cameras:
             c.thread.start()
+        self.housekeeping.start()
         self.notifier.ready(f"inspecting with {self.runtime.describe()}")
         log.info(
             "station %s/%s ready: %s, calibration %s",
@@ -382,11 +385,17 @@ class Service:
             signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
             signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.reload_calibration).start())
         self.start()
+        while not self.stop_event.wait(0.5):
+            pass
+        return self.shutdown()
+
+    def _housekeeping_loop(self) -> None:
+        """Watchdog, STATUS=, stats messages, outbox metrics, retries of unstored verdicts, retention."""
         wd = self.notifier.watchdog_s
         tick = min(wd / 3, 1.0) if wd else 1.0
         next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
         next_purge = time.monotonic()
-        while not self.stop_event.wait(tick):
+        while not self._housekeeping_stop.wait(tick):
             self.metrics.set("outbox_backlog", self.db.backlog())
             if self.unstored:
                 with self._sink_lock, contextlib.suppress(StoreError):
@@ -405,7 +414,6 @@ class Service:
             if self.cfg.storage.retention_days and time.monotonic() >= next_purge:
                 self.db.purge_delivered_before(time.time() - self.cfg.storage.retention_days * 86400)
                 next_purge = time.monotonic() + 3600
-        return self.shutdown()
 
     def shutdown(self, drain_timeout_s: float = 10.0) -> int:
         log.info("stopping: draining in-flight frames")
@@ -415,6 +423,9 @@ class Service:
             c.thread.join(10)
         self.worker.join(30)
         delivered = self.publisher.drain(drain_timeout_s)
+        self._housekeeping_stop.set()
+        if self.housekeeping.is_alive():
+            self.housekeeping.join(5)
         if not delivered:
             log.warning(
                 "%d verdict(s) not yet acknowledged: they stay in the outbox for the next start", self.db.backlog()

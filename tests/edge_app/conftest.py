@@ -49,6 +49,9 @@ class Broker:
             f"log_dest file {self.dir}/mosquitto.log",
             "log_type all",
         ]
+        if os.geteuid() == 0:
+            # as root mosquitto drops to user "mosquitto", which cannot read pytest's private tmp dirs
+            conf.append("user root")
         if password:
             pw = self.dir / "passwd"
             subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), *password], check=True, capture_output=True)
@@ -234,12 +237,16 @@ def calibrated(tmp_path_factory, exported_bundle, synthetic_root) -> dict:
     """The exported tiny bundle + a calibration file made from its scores on good parts."""
     from calibration.calibfile import Calibration, save_calibration
     from engines.bundle import read_meta, utc_now
-    from engines.data import eval_items, load_images
+    from engines.data import eval_items
     from engines.runtime import load_runtime
+
+    from engines.data import preprocess
 
     rt = load_runtime("onnxruntime", exported_bundle)
     items = eval_items(synthetic_root)
-    good = load_images([it.path for it in items if not it.is_defect], 128)
+    # scored as the mono line camera (part_images) sees them
+    good = np.stack([preprocess(cv2.imread(str(it.path), cv2.IMREAD_GRAYSCALE), 128)
+                     for it in items if not it.is_defect])
     maps, scores = rt.predict(good)
     meta = read_meta(exported_bundle)
     cal = Calibration(
