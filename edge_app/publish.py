@@ -77,6 +77,7 @@ class Publisher:
         self.started_at = started_at or time.time()
         self.cond = threading.Condition()
         self.inflight: dict[int, int] = {}  # mid -> row id
+        self.early_acks: set[int] = set()
         self.cursor = 0
         self.connected = False
         self.last_error: str | None = None
@@ -154,6 +155,7 @@ class Publisher:
         with self.cond:
             self.connected = True
             self.inflight.clear()
+            self.early_acks.clear()
             self.cursor = 0  # publish again everything not acknowledged, oldest first
             self.cond.notify_all()
         if self.metrics:
@@ -173,12 +175,17 @@ class Publisher:
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self.cond:
             row_id = self.inflight.pop(mid, None)
+            if row_id is None:
+                self.early_acks.add(mid)  # acked before publish() returned its mid to us
             self.cond.notify_all()
         if row_id is not None:
-            self.db.mark_delivered(row_id, time.time())
-            self.delivered += 1
-            if self.metrics:
-                self.metrics.inc("verdicts_delivered_total")
+            self._delivered(row_id)
+
+    def _delivered(self, row_id: int) -> None:
+        self.db.mark_delivered(row_id, time.time())
+        self.delivered += 1
+        if self.metrics:
+            self.metrics.inc("verdicts_delivered_total")
 
     def _on_message(self, client, userdata, msg) -> None:
         name = msg.topic.rsplit("/", 1)[-1]
@@ -228,15 +235,23 @@ class Publisher:
         now = time.time()
         late = row.attempts > 0 or row.created_at < self.started_at or now - row.t_decided > self.cfg.late_after_s
         payload = json.dumps(result_payload(row, late, self.station.line))
+        if not self.connected:
+            return False
+        # never call into paho while holding self.cond: paho's network thread holds its own locks
+        # while it runs on_publish, which takes self.cond (lock-order inversion otherwise)
+        info = self.client.publish(f"{self.base}/result", payload, qos=self.cfg.qos)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
         with self.cond:
-            if not self.connected:
-                return False
-            info = self.client.publish(f"{self.base}/result", payload, qos=self.cfg.qos)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                return False
-            self.inflight[info.mid] = row.id
             self.cursor = row.id
+            acked = info.mid in self.early_acks
+            if acked:
+                self.early_acks.discard(info.mid)
+            else:
+                self.inflight[info.mid] = row.id
         self.db.mark_published(row.id, now)
+        if acked:
+            self._delivered(row.id)
         if self.cfg.plain_payload:
             self.client.publish(f"{self.base}/result/plain", f"{row.part_id};{row.verdict}", qos=self.cfg.qos)
         if self.metrics:

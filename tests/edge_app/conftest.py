@@ -245,8 +245,9 @@ def calibrated(tmp_path_factory, exported_bundle, synthetic_root) -> dict:
     rt = load_runtime("onnxruntime", exported_bundle)
     items = eval_items(synthetic_root)
     # scored as the mono line camera (part_images) sees them
-    good = np.stack([preprocess(cv2.imread(str(it.path), cv2.IMREAD_GRAYSCALE), 128)
-                     for it in items if not it.is_defect])
+    good = np.stack(
+        [preprocess(cv2.imread(str(it.path), cv2.IMREAD_GRAYSCALE), 128) for it in items if not it.is_defect]
+    )
     maps, scores = rt.predict(good)
     meta = read_meta(exported_bundle)
     cal = Calibration(
