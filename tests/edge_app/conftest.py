@@ -237,10 +237,8 @@ def calibrated(tmp_path_factory, exported_bundle, synthetic_root) -> dict:
     """The exported tiny bundle + a calibration file made from its scores on good parts."""
     from calibration.calibfile import Calibration, save_calibration
     from engines.bundle import read_meta, utc_now
-    from engines.data import eval_items
+    from engines.data import eval_items, preprocess
     from engines.runtime import load_runtime
-
-    from engines.data import preprocess
 
     rt = load_runtime("onnxruntime", exported_bundle)
     items = eval_items(synthetic_root)
