@@ -138,6 +138,7 @@ def run_case(
     threads: int,
     backend: str,
     timeout_s: float,
+    queue_size: int = 1,
 ) -> dict:
     import yaml
 
@@ -148,7 +149,7 @@ def run_case(
         "cameras": [camera],
         "model": {"bundle": str(bundle), "backend": backend, "threads": threads},
         "calibration": {"file": str(cal)},
-        "decision": {"queue_size": 16},
+        "decision": {"queue_size": queue_size},
         "mqtt": {"port": port, "topic_prefix": "bench", "inflight_max": 200},
         "storage": {"database": str(case / "log.sqlite"), "archive_dir": str(case / "archive"), "quota_mb": 200},
         "metrics": {"enabled": False},
@@ -189,15 +190,14 @@ def run_case(
     time.sleep(0.5)
     counter.close()
     with sqlite3.connect(db_path) as db:
-        rows = db.execute(
-            "SELECT t_grab, delivered_at, latency, verdict FROM verdicts ORDER BY id LIMIT ?", (frames,)
-        ).fetchall()
-    lat = np.array([(d - g) * 1000 for g, d, _, _ in rows if d is not None])
-    t0 = min(g for g, _, _, _ in rows)
-    t1 = max(d for _, d, _, _ in rows if d is not None)
+        rows = db.execute("SELECT t_grab, delivered_at, latency, verdict, key FROM verdicts ORDER BY id").fetchall()
+    lat = np.array([(r[1] - r[0]) * 1000 for r in rows if r[1] is not None])
+    t0 = min(r[0] for r in rows)
+    t1 = max(r[1] for r in rows if r[1] is not None)
+    received = len({r[4] for r in rows} & counter.keys)
     stages = {}
     for key in ("queue", "preprocess", "inference", "decide"):
-        vals = [json.loads(lt).get(key) for _, _, lt, _ in rows]
+        vals = [json.loads(r[2]).get(key) for r in rows]
         vals = [v for v in vals if v is not None]
         stages[key] = round(float(np.median(vals)), 2) if vals else None
     verdicts = {v: sum(1 for r in rows if r[3] == v) for v in ("ok", "ng", "not_inspected")}
@@ -205,8 +205,8 @@ def run_case(
         "camera": camera["type"],
         "backend": backend,
         "frames": len(rows),
-        "verdicts": len(counter.keys),
-        "lost": len(rows) - len(counter.keys),
+        "verdicts": received,
+        "lost": len(rows) - received,
         "verdicts_per_s": round(len(rows) / (t1 - t0), 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
@@ -225,6 +225,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--pylon-rate-hz", type=float, default=30.0)
+    ap.add_argument(
+        "--queue-size", type=int, default=1, help="decision.queue_size (a full-speed replay fills it: deeper = waiting)"
+    )
     ap.add_argument("--pylon-frames", type=int, default=300)
     ap.add_argument("--results", type=Path, default=HERE / "results" / "e2e.json")
     args = ap.parse_args()
@@ -241,7 +244,19 @@ def main() -> int:
     try:
         folder_cam = {"id": "cam1", "type": "folder", "path": str(parts), "loop": True}
         rows.append(
-            run_case("folder", folder_cam, args.frames, bundle, cal, port, work, args.threads, args.backend, 300)
+            run_case(
+                "folder",
+                folder_cam,
+                args.frames,
+                bundle,
+                cal,
+                port,
+                work,
+                args.threads,
+                args.backend,
+                300,
+                args.queue_size,
+            )
         )
         pylon_cam = {
             "id": "pylon1",
@@ -252,7 +267,19 @@ def main() -> int:
             "grab_timeout_ms": 500,
         }
         rows.append(
-            run_case("pylon", pylon_cam, args.pylon_frames, bundle, cal, port, work, args.threads, args.backend, 120)
+            run_case(
+                "pylon",
+                pylon_cam,
+                args.pylon_frames,
+                bundle,
+                cal,
+                port,
+                work,
+                args.threads,
+                args.backend,
+                120,
+                args.queue_size,
+            )
         )
     finally:
         broker.terminate()

@@ -65,6 +65,9 @@ class CameraWorker:
         self.heartbeat = time.monotonic()
         self.connected = False
         self.part_ids: collections.deque[str] = collections.deque()
+        # a folder replay without a rate is paced by the line (waits for queue space); real cameras
+        # are not: their frames overrun into not_inspected verdicts
+        self.paced_by_line = cam.cfg.type == "folder" and cam.cfg.rate_hz is None
         self.part_cond = threading.Condition()
 
     def _assign_part_id(self, f: Frame) -> None:
@@ -109,6 +112,11 @@ class CameraWorker:
                     stop.wait(backoff)
                     backoff = min(backoff * 2, self.cfg.reconnect.max_ms / 1000)
                     continue
+            if self.paced_by_line and self.svc.queue.full():
+                # a replay grabs its next frame only when the line can take it (grab time = entry time)
+                self.svc.room.wait(0.2)
+                self.svc.room.clear()
+                continue
             try:
                 frames = self.cam.grab(self.cfg.grab_timeout_ms / 1000)
             except CameraError as exc:
@@ -120,7 +128,7 @@ class CameraWorker:
                 continue
             for f in frames:
                 self._assign_part_id(f)
-                self.svc.submit(f)
+                self.svc.submit(f, wait=self.paced_by_line)
             if self.cam.exhausted:
                 self.svc.camera_state(self.cam.id, "finished")
                 self.svc.finished_camera(self.cam.id)
@@ -141,6 +149,7 @@ class Service:
         self.notifier = Notifier()
         self.started_at = time.time()
         self.queue: queue.Queue[Frame] = queue.Queue(maxsize=cfg.decision.queue_size)
+        self.room = threading.Event()  # set when the inspector takes a frame off the queue
         self.unstored: collections.deque[Verdict] = collections.deque()
         self.counts = collections.Counter()
         self.cam_states: dict[str, str] = {}
@@ -198,10 +207,19 @@ class Service:
         self.ok_counter = 0
 
     # --- frames and verdicts --------------------------------------------------------------
-    def submit(self, f: Frame) -> None:
+    def submit(self, f: Frame, wait: bool = False) -> None:
         self.metrics.inc("frames_total", camera=f.camera_id)
         try:
-            self.queue.put_nowait(f)
+            if wait:
+                while True:
+                    try:
+                        self.queue.put(f, timeout=0.2)
+                        break
+                    except queue.Full:
+                        if self.stop_capture.is_set():
+                            raise
+            else:
+                self.queue.put_nowait(f)
         except queue.Full:
             self.sink(self.inspector.not_inspected(f, "queue_overrun", f"queue of {self.queue.maxsize} frames full"))
         self.metrics.set("queue_depth", self.queue.qsize())
@@ -217,6 +235,7 @@ class Service:
                     break
                 continue
             t_deq = time.monotonic()
+            self.room.set()
             self.metrics.set("queue_depth", self.queue.qsize())
             if self.paused.is_set():
                 v = self.inspector.not_inspected(f, "paused", "inspection paused by command")

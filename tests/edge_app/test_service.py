@@ -263,7 +263,7 @@ def test_queue_overrun_and_deadline_become_not_inspected(tmp_path, broker, liste
         calibrated,
         broker,
         tmp_path,
-        [folder_camera(many)],
+        [folder_camera(many, rate_hz=1000)],
         decision={"queue_size": 1, "deadline_ms": 40},
     )
     svc = start_service(cfg)
