@@ -113,13 +113,23 @@ def order_statistic_threshold(scores: np.ndarray, alpha: float, confidence: floa
     )
 
 
+MIN_SHAPE_EXCEEDANCES = 30  # below this the GPD shape is not identifiable: exponential tail (xi = 0)
+
+
 def fit_gpd_pwm(excess: np.ndarray) -> tuple[float, float]:
-    """(xi, sigma) of a GPD fitted to exceedances by probability-weighted moments."""
+    """(xi, sigma) of a GPD fitted to exceedances by probability-weighted moments.
+
+    With fewer than ``MIN_SHAPE_EXCEEDANCES`` exceedances the shape is fixed at 0 (exponential
+    tail, sigma = mean excess): a shape estimated from a handful of points swings the extrapolated
+    quantile by orders of magnitude.
+    """
     y = np.sort(np.asarray(excess, dtype=np.float64))
     m = len(y)
     if m < 5:
         msg = f"a tail fit needs at least 5 exceedances, got {m}"
         raise CalibrationStatsError(msg)
+    if m < MIN_SHAPE_EXCEEDANCES:
+        return 0.0, float(max(y.mean(), 1e-12))
     a0 = y.mean()
     j = np.arange(1, m + 1)
     a1 = float(np.sum((m - j) / (m - 1) * y) / m)
@@ -129,7 +139,7 @@ def fit_gpd_pwm(excess: np.ndarray) -> tuple[float, float]:
     k = a0 / denom - 2.0
     sigma = 2.0 * a0 * a1 / denom
     xi = -k
-    return float(np.clip(xi, -0.5, 0.4)), float(max(sigma, 1e-12))
+    return float(np.clip(xi, -0.5, 0.3)), float(max(sigma, 1e-12))
 
 
 def gpd_quantile(u: float, xi: float, sigma: float, tail_frac: float, alpha: float) -> float:
