@@ -161,7 +161,7 @@ def check_parity(model: KDModel, onnx_path: Path, images: np.ndarray) -> dict[st
     return result
 
 
-FP16_ATOL = 0.05  # fp16 networks against torch fp32, on the normalised map and score
+FP16_ATOL = 0.1  # fp16 networks against torch fp32, on the normalised map (good pixels ~ N(0, 1))
 
 
 def check_parity_fp16(model: KDModel, onnx_path: Path, images: np.ndarray) -> dict[str, float]:
