@@ -94,7 +94,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole loop on synthetic parts: train, export, calibrate, run, summary")
     p.add_argument("--out", default="demo_out", help="work folder (re-runs reuse what is there)")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--train-images", type=int, default=200, help="synthetic good parts to train on")
     p.add_argument("--image-size", type=int, default=128, help="model input size (camera frames are 256 px)")
     p.add_argument("--rate-hz", type=float, default=10.0, help="camera frame rate")
     p.add_argument("--backend", default="onnxruntime")

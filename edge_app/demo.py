@@ -82,7 +82,7 @@ def main_demo(args) -> int:
     parts, bundle, cal = work / "parts", work / "bundle", work / "calibration.yaml"
     held_out = work / "calibration_parts"  # good parts the model never saw, for the thresholds
     t_start = time.monotonic()
-    sh("make-synthetic", "--out", str(parts), "--size", "256", "--train", "80")
+    sh("make-synthetic", "--out", str(parts), "--size", "256", "--train", str(args.train_images))
     sh("make-synthetic", "--out", str(held_out), "--size", "256", "--train", "120", "--seed", "1")
     if not (bundle / "model.json").is_file():
         sh(
