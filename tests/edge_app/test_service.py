@@ -404,8 +404,12 @@ def test_systemd_process_ready_watchdog_and_sigterm_drain(tmp_path, broker, list
         assert any("WATCHDOG=1" in d for d in datagrams)
         assert any(d.startswith("STATUS=") and "verdicts" in d for d in datagrams)
         assert len(lst.wait_for("/result", 2)) >= 2
+        proc.send_signal(signal.SIGHUP)  # systemctl reload: re-read the calibration
+        time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+        err = proc.stderr.read().decode()
+        assert "calibration reloaded" in err, err[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
