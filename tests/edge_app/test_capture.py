@@ -69,3 +69,33 @@ def test_pylon_without_pypylon_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "edge_app.capture.pylon", raising=False)
     with pytest.raises(CameraError, match=r"lineinspect\[basler\]"):
         make_camera(PylonCamera(id="p", type="pylon"))
+
+
+def test_pylon_emulator_bayer_roi_and_software_trigger_part_id():
+    """The emulator's test pattern in BayerRG8 is converted to BGR; ROI and exposure are applied."""
+    from edge_app.config import PylonCamera
+
+    cfg = PylonCamera(
+        id="p",
+        type="pylon",
+        serial="0815-0000",
+        pixel_format="BayerRG8",
+        trigger={"mode": "software"},
+        roi={"x": 16, "y": 8, "width": 320, "height": 240},
+        exposure_us=1000,
+        grab_timeout_ms=2000,
+    )
+    cam = make_camera(cfg)
+    cam.open()
+    try:
+        assert cam.trigger("X1")
+        frames = []
+        end = time.monotonic() + 10
+        while not frames and time.monotonic() < end:
+            frames = cam.grab(2.0)
+        (f,) = frames
+        assert f.part_id == "X1" and f.error is None
+        assert f.image.shape == (240, 320, 3) and f.image.dtype == np.uint8
+        assert f.block_id is not None
+    finally:
+        cam.close()
