@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
 
@@ -218,6 +218,7 @@ def run_wizard(args, out: TextIO | None = None, inp: TextIO | None = None) -> in
             use_camera = True
         else:
             good_dir = answer
+    paths: list[Path] = []  # the good images when they come from a folder (the report reloads examples)
     if use_camera:
         if not args.config:
             msg = "grabbing from a camera needs --config STATION.yaml"
@@ -245,6 +246,7 @@ def run_wizard(args, out: TextIO | None = None, inp: TextIO | None = None) -> in
     if defect_dir is None and interactive:
         defect_dir = term.ask("folder of defect images to check the threshold (empty: none)", "") or None
     defect_names, defect_scores, defect_maps = [], np.zeros(0), None
+    dpaths: list[Path] = []
     if defect_dir:
         dpaths = folder_images(Path(defect_dir))
         defect_names, defect_scores, defect_maps = score_stream(
@@ -331,18 +333,19 @@ def run_wizard(args, out: TextIO | None = None, inp: TextIO | None = None) -> in
         defect_scores,
         defect_maps,
         dreport,
-        good_loader=_loader(args, good_dir),
-        defect_loader=_loader(args, defect_dir),
+        good_loader=_loader(paths),
+        defect_loader=_loader(dpaths),
     )
     term.say(f"report written to {report_path}")
     term.say("a running service picks it up on SIGHUP (systemctl reload) or MQTT cmd/reload_calibration")
     return 0
 
 
-def _loader(args, folder) -> Callable[[str], np.ndarray | None] | None:
-    if not folder:
+def _loader(files: list[Path]) -> Callable[[str], np.ndarray | None] | None:
+    """Reads an example image back by the name it was scored under (None without a folder source)."""
+    if not files:
         return None
-    paths = {p.name: p for p in folder_images(Path(folder))}
+    paths = {p.name: p for p in files}
 
     def load(name: str) -> np.ndarray | None:
         import cv2
@@ -394,7 +397,3 @@ def main_drift(args) -> int:
         return 3
     print("no drift: the calibration still holds")
     return 0
-
-
-def describe(_: Any = None) -> str:  # pragma: no cover - documentation helper
-    return __doc__ or ""

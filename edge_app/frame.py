@@ -18,24 +18,10 @@ class Frame:
     part_id: str
     t_grab: float  # time.time() of the capture
     image: np.ndarray | None = None  # uint8, (H, W) mono or (H, W, 3) BGR
-    error: str | None = None  # not_inspected reason: grab_failed, skipped_buffer, camera_lost, ...
+    error: str | None = None  # not_inspected reason: grab_failed, skipped_buffer
     detail: str = ""
     block_id: int | None = None
     t_mono: float = field(default_factory=time.monotonic)
-
-
-VERDICTS = ("ok", "ng", "not_inspected")
-REASONS = (
-    "grab_failed",
-    "skipped_buffer",
-    "camera_lost",
-    "queue_overrun",
-    "runtime_error",
-    "late",
-    "model_mismatch",
-    "paused",
-    "shutdown",
-)
 
 
 @dataclass

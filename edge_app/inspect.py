@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
 import cv2
 import numpy as np
@@ -137,7 +136,3 @@ class Inspector:
             image=frame.image,
             amap=amap,
         )
-
-    def describe(self) -> dict[str, Any]:
-        cal = self.calibration
-        return {"model_sha": self.model_sha, "calibration_id": cal.id, "backend": self.runtime.name}

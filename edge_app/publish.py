@@ -86,7 +86,6 @@ class Publisher:
         self.status_info: dict[str, Any] = {}
         self.thread = threading.Thread(target=self._run, name="mqtt-publisher", daemon=True)
         self.heartbeat = time.monotonic()
-        self.delivered = 0
         self.client = self._make_client()
 
     # --- client ---------------------------------------------------------------------------
@@ -183,7 +182,6 @@ class Publisher:
 
     def _delivered(self, row_id: int) -> None:
         self.db.mark_delivered(row_id, time.time())
-        self.delivered += 1
         if self.metrics:
             self.metrics.inc("verdicts_delivered_total")
 

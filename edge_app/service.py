@@ -415,7 +415,8 @@ class Service:
         next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
         next_purge = time.monotonic()
         while not self._housekeeping_stop.wait(tick):
-            self.metrics.set("outbox_backlog", self.db.backlog())
+            backlog = self.db.backlog()
+            self.metrics.set("outbox_backlog", backlog)
             if self.unstored:
                 with self._sink_lock, contextlib.suppress(StoreError):
                     self._flush_unstored()
@@ -424,7 +425,7 @@ class Service:
             pub = self.publisher
             mq = "connected" if pub.connected else f"disconnected ({pub.last_error or 'retrying'})"
             self.notifier.status(
-                f"{sum(self.counts.values())} verdicts, backlog {self.db.backlog()}, MQTT {mq}"
+                f"{sum(self.counts.values())} verdicts, backlog {backlog}, MQTT {mq}"
                 + (", PAUSED" if self.paused.is_set() else "")
             )
             if time.monotonic() >= next_stats:

@@ -83,15 +83,3 @@ def load_runtime(name: str, bundle: str | Path, **options: Any) -> Runtime:
     module = importlib.import_module(backend.module)
     cls = getattr(module, backend.cls)
     return cls(Path(bundle), meta, **options)
-
-
-def available_backends() -> dict[str, bool]:
-    """Which backends have their SDK importable here (imports the SDKs: for diagnostics only)."""
-    out = {}
-    for name, backend in BACKENDS.items():
-        try:
-            _import_sdk(name, backend)
-            out[name] = True
-        except SDKMissingError:
-            out[name] = False
-    return out
