@@ -65,9 +65,7 @@ class CameraWorker:
         self.heartbeat = time.monotonic()
         self.connected = False
         self.part_ids: collections.deque[str] = collections.deque()
-        # a folder replay without a rate is paced by the line (waits for queue space); real cameras
-        # are not: their frames overrun into not_inspected verdicts
-        self.paced_by_line = cam.cfg.type == "folder" and cam.cfg.rate_hz is None
+        self.paced_by_line = cam.paced_by_line
         self.part_cond = threading.Condition()
 
     def _assign_part_id(self, f: Frame) -> None:

@@ -41,6 +41,12 @@ class Camera(ABC):
         return self.seq
 
     @property
+    def paced_by_line(self) -> bool:
+        """True for a source that can wait for the line (a replay); real cameras cannot: their frames
+        overrun into not_inspected verdicts when the queue is full."""
+        return False
+
+    @property
     def exhausted(self) -> bool:
         """True when a finite source (a folder without loop) has nothing more to give."""
         return False

@@ -33,6 +33,10 @@ class FolderCameraSource(Camera):
         self.next_t = time.monotonic()
 
     @property
+    def paced_by_line(self) -> bool:
+        return self.cfg.rate_hz is None  # "as fast as the line takes them"
+
+    @property
     def exhausted(self) -> bool:
         return not self.cfg.loop and self.index >= len(self.files)
 
