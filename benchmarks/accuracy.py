@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--taps", type=int, nargs="+", help="teacher blocks to tap (default: the model's default)")
     ap.add_argument("--work", type=Path, default=HERE.parent / "runs" / "accuracy")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "accuracy.json")
     ap.add_argument("--append", action="store_true", help="keep existing rows of other (dataset, variant) pairs")
@@ -54,7 +55,10 @@ def main() -> int:
         for variant in args.variants:
             data = args.data_root / ds
             bundle = args.work / f"{ds}-{variant}"
-            cfg = TrainConfig(epochs=args.epochs, image_size=args.image_size, device=args.device, **VARIANTS[variant])
+            extra = {"taps": args.taps} if args.taps else {}
+            cfg = TrainConfig(
+                epochs=args.epochs, image_size=args.image_size, device=args.device, **VARIANTS[variant], **extra
+            )
             t0 = time.perf_counter()
             train(data, bundle, cfg, quiet=True)
             train_s = time.perf_counter() - t0
@@ -71,6 +75,7 @@ def main() -> int:
                 "au_pro": round(overall["au_pro"], 4),
                 "f1_max": round(overall["f1_max"], 4),
                 "epochs": args.epochs,
+                "taps": list(cfg.taps),
                 "image_size": args.image_size,
                 "train_seconds": round(train_s, 1),
                 "machine": machine,

@@ -29,8 +29,9 @@ def test_simam_passes_gradients():
 
 
 def test_sspcab_shape_params_and_gradients():
-    block = SSPCAB(16, k=1, d=1)
-    x = torch.randn(2, 16, 12, 10, requires_grad=True)
+    torch.manual_seed(0)  # with few channels SE's few hidden ReLU units can all be dead for one input
+    block = SSPCAB(64, k=1, d=1)
+    x = torch.randn(2, 64, 12, 10, requires_grad=True)
     y = block(x)
     assert y.shape == x.shape
     loss = SSPCAB.reconstruction_loss(y, x)
@@ -38,8 +39,8 @@ def test_sspcab_shape_params_and_gradients():
     assert x.grad is not None and torch.isfinite(x.grad).all()
     for name, p in block.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    # four 1x1 corner convs (16*16 + 16 each) + SE (16->2->16)
-    assert sum(p.numel() for p in block.parameters()) == 4 * (16 * 16 + 16) + (16 * 2 + 2) + (2 * 16 + 16)
+    # four 1x1 corner convs (64*64 + 64 each) + SE (64->8->64)
+    assert sum(p.numel() for p in block.parameters()) == 4 * (64 * 64 + 64) + (64 * 8 + 8) + (8 * 64 + 64)
 
 
 @pytest.mark.parametrize(("k", "d"), [(1, 1), (2, 1), (1, 0), (3, 2)])
@@ -65,3 +66,26 @@ def test_sspcab_never_sees_the_masked_centre(k, d):
 def test_sspcab_rejects_bad_hyperparameters():
     with pytest.raises(ValueError, match="k >= 1"):
         SSPCAB(4, k=0, d=1)
+
+
+@pytest.mark.parametrize(("k", "d"), [(1, 1), (2, 1), (1, 0), (3, 2)])
+def test_sspcab_fused_inference_conv_equals_the_four_corner_convs(k, d):
+    """Inference (and the exported graph) runs the corners as one convolution: same output, same mask."""
+    torch.manual_seed(1)
+    block = SSPCAB(6, k=k, d=d)
+    x = torch.randn(2, 6, 11, 13)
+    w, b, dil, pad = block.fused_conv()
+    fused = torch.nn.functional.conv2d(x, w, b, padding=pad, dilation=dil)
+    torch.testing.assert_close(fused, block.masked_conv(x), rtol=1e-5, atol=1e-5)
+    block.train()
+    trained_path = block(x)
+    block.eval()
+    torch.testing.assert_close(block(x), trained_path, rtol=1e-5, atol=1e-5)
+    # the fused kernel has no weight on the masked centre either
+    size = 2 * (k + d) + 5
+    xg = torch.randn(1, 6, size, size, requires_grad=True)
+    c = size // 2
+    torch.nn.functional.conv2d(xg, w.detach(), b.detach(), padding=pad, dilation=dil)[0, 0, c, c].backward()
+    seen = (xg.grad[0].abs().sum(0) > 0).nonzero()
+    assert len(seen) == 4 * k * k
+    assert ((seen - c).abs().max(dim=1).values > d).all()
