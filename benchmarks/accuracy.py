@@ -81,15 +81,20 @@ def main() -> int:
                 "machine": machine,
                 "per_defect": res["rows"][:-1],
             }
-            rows = [r for r in rows if not (r["dataset"] == ds and r["variant"] == variant)] + [row]
+            same = (ds, variant, list(cfg.taps))
+            rows = [r for r in rows if (r["dataset"], r["variant"], r.get("taps")) != same] + [row]
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(rows, indent=2) + "\n")
 
     print(f"\nmachine: {machine}")
-    print(f"{'dataset':<18}{'variant':<8}{'img AUROC':>10}{'px AUROC':>10}{'AU-PRO':>8}{'epochs':>7}{'train s':>9}")
+    print(
+        f"{'dataset':<18}{'variant':<8}{'taps':<10}{'img AUROC':>10}{'px AUROC':>10}{'AU-PRO':>8}{'epochs':>7}"
+        f"{'train s':>9}"
+    )
     for r in rows:
+        taps = ",".join(str(t) for t in r.get("taps") or [])
         print(
-            f"{r['dataset']:<18}{r['variant']:<8}{r['image_auroc']:>10.3f}{r['pixel_auroc']:>10.3f}"
+            f"{r['dataset']:<18}{r['variant']:<8}{taps:<10}{r['image_auroc']:>10.3f}{r['pixel_auroc']:>10.3f}"
             f"{r['au_pro']:>8.3f}{r['epochs']:>7}{r['train_seconds']:>9.0f}"
         )
     return 0

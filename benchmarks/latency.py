@@ -1,13 +1,15 @@
 """Inference latency of every available backend, side by side, torch eager as the baseline.
 
-    python benchmarks/latency.py [--bundle BUNDLE] [--threads 2] [--repeats 200]
+    python benchmarks/latency.py [--bundle BUNDLE [BUNDLE ...]] [--threads 2] [--repeats 300]
 
 Prints median / p99 latency and throughput at batch 1 and 8 (256x256 unless the bundle says
 otherwise) for torch eager (CPU), onnxruntime, openvino f32 (and bf16), and, where a GPU is
-present, torch CUDA-graph fp16 (batch 1, 8, 16) and TensorRT. Also the peak resident memory of a
+present, torch CUDA-graph fp16 (batch 1, 8, 16) and TensorRT. All of them are loaded first and
+timed in alternating rounds (see ``interleaved``); several bundles (e.g. two tap settings) are
+timed side by side the same way. Also the peak resident memory of a
 separate process that loads the bundle and runs the ONNX Runtime backend (torch not imported).
 Writes benchmarks/results/latency.json (rows: backend, device, batch, median_ms, p99_ms,
-images_per_s, peak_rss_mb, machine). Without --bundle, a 1-epoch model is trained on synthetic
+images_per_s, peak_rss_mb, machine, model). Without --bundle, a 1-epoch model is trained on synthetic
 parts and exported (latency does not depend on the weights).
 """
 
@@ -65,17 +67,32 @@ def ensure_bundle(path: Path | None, size: int) -> Path:
     return work
 
 
-def time_runtime(rt, batch: int, repeats: int, warmup: int = 10) -> tuple[float, float]:
+def time_runtime(rt, batch: int, repeats: int) -> list[float]:
+    """``repeats`` timed calls (ms) on one fixed random batch."""
     x = np.random.default_rng(0).integers(0, 256, (batch, rt.size, rt.size, 3), dtype=np.uint8)
-    for _ in range(warmup):
-        rt(x)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         rt(x)
-        times.append(time.perf_counter() - t0)
-    t = np.array(times) * 1000
-    return float(np.median(t)), float(np.percentile(t, 99))
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def interleaved(runtimes: list, batch: int, repeats: int, rounds: int) -> list[list[float]]:
+    """Time every runtime in ``rounds`` alternating rounds of ``repeats // rounds`` calls.
+
+    A shared or virtual machine changes speed over minutes (this 2-core benchmark machine swings
+    by up to 40 % between runs); alternating gives every backend the same mix of fast and slow
+    spells, so the rows stay comparable even when the absolute numbers move.
+    """
+    per_round = max(repeats // rounds, 5)
+    for rt in runtimes:
+        time_runtime(rt, batch, 10)  # warm-up (CUDA graph capture, lazy allocations)
+    samples: list[list[float]] = [[] for _ in runtimes]
+    for _ in range(rounds):
+        for i, rt in enumerate(runtimes):
+            samples[i] += time_runtime(rt, batch, per_round)
+    return samples
 
 
 def peak_rss(bundle: Path, backend: str, threads: int) -> float | None:
@@ -91,12 +108,18 @@ def peak_rss(bundle: Path, backend: str, threads: int) -> float | None:
     return float(res.stdout.strip().splitlines()[-1])
 
 
+def model_label(bundle: Path) -> str:
+    taps = json.loads((bundle / "model.json").read_text())["net"]["taps"]
+    return f"{bundle.name} (taps {','.join(str(t) for t in taps)})"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", type=Path)
+    ap.add_argument("--bundle", type=Path, nargs="+", help="one or more bundles (timed side by side)")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=300, help="timed calls per backend at batch 1")
+    ap.add_argument("--rounds", type=int, default=6, help="alternating rounds the calls are split into")
     ap.add_argument("--backends", nargs="+", help="subset, e.g. onnxruntime openvino")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "latency.json")
     ap.add_argument("--append", action="store_true", help="keep rows of other machines already in the file")
@@ -104,7 +127,7 @@ def main() -> int:
 
     from engines.runtime import load_runtime
 
-    bundle = ensure_bundle(args.bundle, args.size)
+    bundles = [ensure_bundle(b, args.size) for b in (args.bundle or [None])]
     machine = machine_name()
     candidates: list[tuple[str, dict, list[int]]] = [
         ("torch", {"device": "cpu", "threads": args.threads}, [1, 8]),
@@ -128,22 +151,28 @@ def main() -> int:
         pass
 
     rss = {}
-    for backend in ("onnxruntime", "openvino"):
-        if not args.backends or backend in args.backends:
-            rss[backend] = peak_rss(bundle, backend, args.threads)
+    for bundle in bundles:
+        for backend in ("onnxruntime", "openvino"):
+            if not args.backends or backend in args.backends:
+                rss[(bundle, backend)] = peak_rss(bundle, backend, args.threads)
+
+    loaded = []  # (bundle, backend, opts, batches, runtime)
+    for bundle in bundles:
+        for backend, opts, batches in candidates:
+            if args.backends and backend not in args.backends:
+                continue
+            try:
+                loaded.append((bundle, backend, opts, batches, load_runtime(backend, bundle, **opts)))
+            except Exception as exc:  # report and go on: one missing backend must not hide the others
+                print(f"skip {backend} {opts}: {exc}", file=sys.stderr)
 
     rows = []
-    for backend, opts, batches in candidates:
-        if args.backends and backend not in args.backends:
-            continue
-        try:
-            rt = load_runtime(backend, bundle, **opts)
-        except Exception as exc:  # report and go on: one missing backend must not hide the others
-            print(f"skip {backend} {opts}: {exc}", file=sys.stderr)
-            continue
-        for b in batches:
-            reps = args.repeats if b == 1 else max(args.repeats // 4, 20)
-            med, p99 = time_runtime(rt, b, reps)
+    for b in sorted({b for *_, batches, _ in loaded for b in batches}):
+        group = [entry for entry in loaded if b in entry[3]]
+        reps = args.repeats if b == 1 else max(args.repeats // 4, 30)
+        samples = interleaved([entry[4] for entry in group], b, reps, args.rounds)
+        for (bundle, backend, opts, _, rt), t in zip(group, samples, strict=True):
+            med, p99 = float(np.median(t)), float(np.percentile(t, 99))
             rows.append(
                 {
                     "backend": backend,
@@ -152,22 +181,25 @@ def main() -> int:
                     "median_ms": round(med, 3),
                     "p99_ms": round(p99, 3),
                     "images_per_s": round(b / med * 1000, 1),
-                    "peak_rss_mb": round(rss[backend], 1)
-                    if rss.get(backend) and opts.get("precision", "f32") == "f32"
+                    "peak_rss_mb": round(rss[(bundle, backend)], 1)
+                    if rss.get((bundle, backend)) and opts.get("precision", "f32") == "f32"
                     else None,
                     "machine": machine,
+                    "model": model_label(bundle),
                 }
             )
             print(f"  {backend:<12} {rt.device:<40} b{b:<3} median {med:7.2f} ms  p99 {p99:7.2f} ms", flush=True)
+    for *_, rt in loaded:
         rt.close()
 
     print(f"\nmachine: {machine}; input {args.size}x{args.size} uint8; {args.threads} CPU threads")
-    print(f"{'backend':<12}{'device':<44}{'batch':>6}{'median ms':>11}{'p99 ms':>9}{'img/s':>9}{'RSS MB':>8}")
+    head = f"{'model':<34}{'backend':<12}{'device':<36}{'batch':>6}{'median ms':>11}{'p99 ms':>9}{'img/s':>9}"
+    print(f"{head}{'RSS MB':>8}")
     for r in rows:
         rss_s = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-"
         print(
-            f"{r['backend']:<12}{r['device'][:43]:<44}{r['batch']:>6}{r['median_ms']:>11.2f}{r['p99_ms']:>9.2f}"
-            f"{r['images_per_s']:>9.1f}{rss_s:>8}"
+            f"{r['model'][:33]:<34}{r['backend']:<12}{r['device'][:35]:<36}{r['batch']:>6}{r['median_ms']:>11.2f}"
+            f"{r['p99_ms']:>9.2f}{r['images_per_s']:>9.1f}{rss_s:>8}"
         )
     old = json.loads(args.results.read_text()) if args.append and args.results.is_file() else []
     old = [r for r in old if r.get("machine") != machine]
