@@ -41,12 +41,21 @@ def test_backend_matches_torch(exported_bundle: Path, images, reference, backend
     assert np.ptp(scores) > 0.1
 
 
-def test_batch_of_one_equals_batch_of_many(exported_bundle: Path, images):
-    rt = load_runtime("onnxruntime", exported_bundle)
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_batch_of_one_equals_batch_of_many(exported_bundle: Path, images, backend):
+    rt = load_runtime(backend, exported_bundle)
     many = rt(images[:4])
     for i in range(4):
         one = rt(images[i])  # a single HWC image is accepted as a batch of one
         np.testing.assert_allclose(one["anomaly_map"][0], many["anomaly_map"][i], atol=1e-4)
+        np.testing.assert_allclose(one["score"][0], many["score"][i], atol=1e-4)
+    if backend == "openvino":
+        # one static-shape compiled model per batch size met, the most recent few kept
+        assert set(rt._compiled) == {1, 4}
+        for b in (2, 3, 5, 6):
+            assert rt(images[:b])["score"].shape == (b,)
+        assert len(rt._compiled) == rt.MAX_COMPILED
+        assert list(rt._compiled)[-1] == 6
 
 
 def test_openvino_bf16_is_opt_in_and_close(exported_bundle: Path, images, reference):
