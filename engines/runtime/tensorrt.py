@@ -24,6 +24,7 @@ import re
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -129,66 +130,71 @@ class _EntropyCalibrator(trt.IInt8EntropyCalibrator2 if hasattr(trt, "IInt8Entro
         bundle_mod.atomic_write_bytes(self.cache, bytes(cache))
 
 
-def _build(
-    cuda,
-    logger,
-    onnx_path,
-    size,
-    precision,
-    strongly_typed,
-    workspace_mb,
-    opt_batch,
-    max_batch,
-    calib_dir,
-    plan_path,
-    gpu,
-):
+@dataclass(frozen=True)
+class BuildSpec:
+    """What one engine build needs, decided by ``build_engine`` before any TensorRT call."""
+
+    onnx_path: Path
+    size: int
+    precision: str
+    strongly_typed: bool
+    workspace_mb: int
+    opt_batch: int
+    max_batch: int
+    calib_dir: Path | None
+    plan_path: Path
+    gpu: str
+
+
+def _build(cuda, logger, spec: BuildSpec) -> tuple[bytes, Path, bytes]:
     """The TensorRT builder calls proper (inside the CUDA context)."""
     with cuda:
         builder = trt.Builder(logger)
         flags = 0
-        if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        if spec.strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
             flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
+        if not parser.parse_from_file(str(spec.onnx_path)):
             errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            msg = f"TensorRT could not parse {onnx_path}: {errs}"
+            msg = f"TensorRT could not parse {spec.onnx_path}: {errs}"
             raise ModelFileError(msg)
         config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.workspace_mb) << 20)
         profile = builder.create_optimization_profile()
-        shape = (size, size, 3)
-        profile.set_shape(INPUT, (1, *shape), (opt_batch, *shape), (max_batch, *shape))
+        shape = (spec.size, spec.size, 3)
+        profile.set_shape(INPUT, (1, *shape), (spec.opt_batch, *shape), (spec.max_batch, *shape))
         config.add_optimization_profile(profile)
-        if not strongly_typed and precision == "fp16":
+        if not spec.strongly_typed and spec.precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
         calibrator = None
-        if precision == "int8":  # TensorRT 10 only (checked above)
-            if calib_dir is None:
+        if spec.precision == "int8":  # TensorRT 10 only (checked above)
+            if spec.calib_dir is None:
                 msg = "--int8 needs --calib-dir with good-part images for calibration"
                 raise ValueError(msg)
             from engines.data import list_images, load_images
 
-            paths = list_images(Path(calib_dir))
+            paths = list_images(Path(spec.calib_dir))
             if len(paths) < 8:
-                msg = f"{calib_dir}: INT8 calibration needs at least 8 good images, found {len(paths)}"
+                msg = f"{spec.calib_dir}: INT8 calibration needs at least 8 good images, found {len(paths)}"
                 raise ValueError(msg)
-            images = load_images(paths[:512], size)
+            images = load_images(paths[:512], spec.size)
             config.set_flag(trt.BuilderFlag.INT8)
             config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot take fall back to fp16
-            calibrator = _EntropyCalibrator(images, min(8, max_batch), cuda, plan_path.with_suffix(".calib"))
+            calibrator = _EntropyCalibrator(images, min(8, spec.max_batch), cuda, spec.plan_path.with_suffix(".calib"))
             config.int8_calibrator = calibrator
             cal_profile = builder.create_optimization_profile()
             cb = (calibrator.batch, *shape)
             cal_profile.set_shape(INPUT, cb, cb, cb)
             config.set_calibration_profile(cal_profile)
-        cache_path = plan_path.parent / f"timing-{slug(gpu)}-trt{trt.__version__}.cache"
+        cache_path = spec.plan_path.parent / f"timing-{slug(spec.gpu)}-trt{trt.__version__}.cache"
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            msg = f"TensorRT failed to build the engine from {onnx_path}: {'; '.join(logger.errors) or 'no details'}"
+            msg = (
+                f"TensorRT failed to build the engine from {spec.onnx_path}: {'; '.join(logger.errors) or 'no details'}"
+            )
             raise ModelFileError(msg)
         return bytes(serialized), cache_path, bytes(config.get_timing_cache().serialize())
 
@@ -236,20 +242,19 @@ def build_engine(
     logger = _Logger()
     t0 = time.perf_counter()
     try:
-        plan, cache_path, cache_bytes = _build(
-            cuda,
-            logger,
-            onnx_path,
-            size,
-            precision,
-            strongly_typed,
-            workspace_mb,
-            opt_batch,
-            max_batch,
-            calib_dir,
-            plan_path,
-            gpu,
+        spec = BuildSpec(
+            onnx_path=onnx_path,
+            size=size,
+            precision=precision,
+            strongly_typed=strongly_typed,
+            workspace_mb=workspace_mb,
+            opt_batch=opt_batch,
+            max_batch=max_batch,
+            calib_dir=calib_dir,
+            plan_path=plan_path,
+            gpu=gpu,
         )
+        plan, cache_path, cache_bytes = _build(cuda, logger, spec)
     finally:
         cuda.free()
     bundle_mod.atomic_write_bytes(cache_path, cache_bytes)
