@@ -27,6 +27,16 @@ def test_export_writes_one_verified_file_and_records_its_sha(exported_bundle: Pa
     assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) == 18
     # everything runs inside the graph: no custom domains TensorRT would not know
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    # the graph-level rewrites that the CPU latency depends on survive the export: resizes are
+    # matrix products (no Resize), SSPCAB is one dilated convolution (no corner slices)
+    ops = [n.op_type for n in model.graph.node]
+    assert "Resize" not in ops and "Slice" not in ops
+    dilated = [
+        n
+        for n in model.graph.node
+        if n.op_type == "Conv" and any(a.name == "dilations" and max(a.ints) > 1 for a in n.attribute)
+    ]
+    assert len(dilated) == 1
 
 
 def test_failed_parity_check_leaves_no_model(tmp_path: Path, trained_bundle: Path, monkeypatch):
