@@ -206,7 +206,11 @@ def run_wizard(args, out: TextIO | None = None, inp: TextIO | None = None) -> in
         msg = f"{bundle} has no exported model.onnx: run 'lineinspect export --bundle {bundle}' first"
         raise WizardError(msg)
     backend = args.backend or (station_cfg.model.backend if station_cfg else "onnxruntime")
-    runtime = load_runtime(backend, Path(bundle))
+    # score exactly as the station will: same backend, precision, device and threads
+    opts = station_cfg.model.runtime_options() if station_cfg and backend == station_cfg.model.backend else {}
+    if getattr(args, "precision", None):
+        opts["precision"] = args.precision
+    runtime = load_runtime(backend, Path(bundle), **opts)
     term.say(f"model {meta['onnx']['sha256'][:12]}... on {runtime.describe()}")
 
     # good parts
@@ -302,6 +306,7 @@ def run_wizard(args, out: TextIO | None = None, inp: TextIO | None = None) -> in
             "good_source": source,
             "defect_source": str(defect_dir) if defect_dir else None,
             "backend": runtime.name,
+            "device": runtime.device,
         },
         expected_false_reject_rate={
             "estimate": img_thr.expected_frr,

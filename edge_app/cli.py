@@ -81,6 +81,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="auto", choices=["auto", "order_statistic", "gpd"], help="threshold rule")
     p.add_argument("--min-area", type=int, help="minimum defect area in model pixels (default: from good parts)")
     p.add_argument("--backend", help="runtime backend (default: the config's, else onnxruntime)")
+    p.add_argument("--precision", help="runtime precision, e.g. openvino bf16 (default: the config's)")
     p.add_argument("--out", help="calibration YAML to write (default: the config's calibration.file)")
     p.add_argument("--report", help="HTML report path (default: next to --out)")
     p.add_argument("--yes", action="store_true", help="no prompts: accept the proposal")

@@ -121,6 +121,17 @@ class ModelConfig(Strict):
     precision: str | None = Field(None, description="openvino f32|bf16, tensorrt fp32|fp16|int8 (None: default)")
     warmup_runs: int = Field(3, ge=0, description="inferences run before READY=1")
 
+    def runtime_options(self) -> dict[str, Any]:
+        """Keyword options for ``engines.runtime.load_runtime`` (the service and the wizard share them)."""
+        opts: dict[str, Any] = {}
+        if self.threads:
+            opts["threads"] = self.threads
+        if self.device:
+            opts["device"] = self.device
+        if self.precision:
+            opts["precision"] = self.precision
+        return opts
+
 
 class CalibrationRef(Strict):
     file: Path = Field(..., description="calibration YAML written by 'lineinspect calibrate'")

@@ -117,5 +117,6 @@ class MetricsServer:
         self.thread.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        if self.thread.is_alive():  # shutdown() waits for serve_forever: it would block forever unstarted
+            self.httpd.shutdown()
         self.httpd.server_close()

@@ -279,7 +279,8 @@ class Publisher:
     def stop(self) -> None:
         self._stop.set()
         self.notify()
-        self.thread.join(5)
+        if self.thread.ident is not None:  # a publisher that never started has nothing to join
+            self.thread.join(5)
         if self.connected:
             info = self.client.publish(f"{self.base}/status", json.dumps(self._status("offline")), qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):

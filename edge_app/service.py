@@ -158,21 +158,26 @@ class Service:
         from engines.bundle import BundleError
         from engines.runtime import ModelFileError, SDKMissingError, load_runtime
 
-        opts: dict[str, Any] = {}
-        if cfg.model.threads:
-            opts["threads"] = cfg.model.threads
-        if cfg.model.device:
-            opts["device"] = cfg.model.device
-        if cfg.model.precision:
-            opts["precision"] = cfg.model.precision
         try:
-            self.runtime = load_runtime(cfg.model.backend, cfg.model.bundle, **opts)
+            self.runtime = load_runtime(cfg.model.backend, cfg.model.bundle, **cfg.model.runtime_options())
         except (BundleError, ModelFileError, SDKMissingError, ValueError) as exc:
             raise StartupError(f"model: {exc}") from exc
         try:
             cal = load_calibration(cfg.calibration.file, self.runtime.model_sha256)
         except CalibrationError as exc:
             raise StartupError(f"calibration: {exc}") from exc
+        scored_on = (cal.samples.get("backend"), cal.samples.get("device"))
+        if scored_on[1] is not None and scored_on != (self.runtime.name, self.runtime.device):
+            # same model, other arithmetic (e.g. bf16 vs f32): scores differ by up to ~0.7 on the
+            # normalised map (benchmarks/backend_accuracy.py), so the thresholds are a little off
+            log.warning(
+                "calibration %s was scored with %s on %s, this station runs %s on %s: recalibrate with the "
+                "station's backend and precision (lineinspect calibrate --config ...)",
+                cfg.calibration.file,
+                *scored_on,
+                self.runtime.name,
+                self.runtime.device,
+            )
         self.inspector = Inspector(self.runtime, cal, cfg.station.station)
         try:
             self.db = DecisionLog(cfg.storage.database)
@@ -364,6 +369,7 @@ class Service:
         }
 
     def start(self) -> None:
+        self.started = True
         self.runtime.warmup(self.cfg.model.warmup_runs)
         self.publisher.publish_status(
             model_sha256=self.runtime.model_sha256,
@@ -437,10 +443,13 @@ class Service:
         log.info("stopping: draining in-flight frames")
         self.notifier.stopping()
         self.stop_capture.set()
+        started = getattr(self, "started", False)  # shutdown of a service that never started only closes
         for c in self.cameras:
-            c.thread.join(10)
-        self.worker.join(30)
-        delivered = self.publisher.drain(drain_timeout_s)
+            if c.thread.ident is not None:
+                c.thread.join(10)
+        if self.worker.ident is not None:
+            self.worker.join(30)
+        delivered = self.publisher.drain(drain_timeout_s) if started else True
         self._housekeeping_stop.set()
         if self.housekeeping.is_alive():
             self.housekeeping.join(5)

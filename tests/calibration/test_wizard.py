@@ -195,3 +195,14 @@ def test_drift_command(tmp_path, exported_bundle, good_parts, capsys):
         ]
     )
     assert code == 3 and "RECALIBRATION DUE" in capsys.readouterr().out
+
+
+def test_calibration_records_the_arithmetic_it_was_scored_with(tmp_path, exported_bundle, good_parts, capsys):
+    """Backend and precision go into the file, so a station running another precision can say so."""
+    out = tmp_path / "cal.yaml"
+    args = ["calibrate", "--bundle", str(exported_bundle), "--good", str(good_parts / "train" / "good")]
+    args += ["--alpha", "0.01", "--yes", "--out", str(out), "--backend", "openvino", "--precision", "bf16"]
+    code = main(args)
+    assert code == 0, capsys.readouterr().out
+    samples = yaml.safe_load(out.read_text())["samples"]
+    assert samples["backend"] == "openvino" and samples["device"] == "cpu (bf16)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -425,3 +426,37 @@ def test_systemd_process_ready_watchdog_and_sigterm_drain(tmp_path, broker, list
     assert len(lst.on("/result")) >= n
     assert lst.on("/status")[-1]["state"] == "offline"
     json.dumps(datagrams)
+
+
+def test_calibration_scored_with_other_arithmetic_is_used_with_a_warning(
+    tmp_path, broker, calibrated, part_images, caplog
+):
+    """Same model, other backend/precision (e.g. bf16): accepted (the model matches) but named in the log."""
+    import yaml
+
+    cal = yaml.safe_load(Path(calibrated["calibration"]).read_text())
+    for name, samples, warned in [
+        ("bf16.yaml", {"backend": "openvino", "device": "cpu (bf16)"}, True),
+        ("same.yaml", {"backend": "onnxruntime", "device": "cpu"}, False),
+    ]:
+        cal["samples"] = {**cal["samples"], **samples}
+        (tmp_path / name).write_text(yaml.safe_dump(cal))
+        cfg = write_config(
+            tmp_path / "c.yaml",
+            calibrated,
+            broker,
+            tmp_path,
+            [folder_camera(part_images)],
+            calibration={"file": str(tmp_path / name)},
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edge_app.service"):
+            svc = Service(load_config(cfg), cfg)
+        try:
+            assert svc.inspector.calibration.image_threshold == cal["thresholds"]["image_score"]
+            messages = [r.getMessage() for r in caplog.records if "recalibrate with the station's" in r.getMessage()]
+            assert bool(messages) is warned, messages
+            if warned:
+                assert "openvino on cpu (bf16)" in messages[0] and "onnxruntime on cpu" in messages[0]
+        finally:
+            svc.shutdown()
