@@ -156,8 +156,11 @@ def run_case(
             rss = max(rss or 0, vm_hwm_mb(proc.pid) or 0)
             if not db_path.exists():
                 continue
-            with sqlite3.connect(db_path) as db:
-                n, delivered = db.execute("SELECT COUNT(*), COUNT(delivered_at) FROM verdicts").fetchone()
+            try:
+                with sqlite3.connect(db_path) as db:
+                    n, delivered = db.execute("SELECT COUNT(*), COUNT(delivered_at) FROM verdicts").fetchone()
+            except sqlite3.OperationalError:  # the file exists a moment before the service creates its table
+                continue
             if n >= frames and delivered >= frames:
                 break
     finally:

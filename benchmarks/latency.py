@@ -19,6 +19,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,6 +92,9 @@ def interleaved(runtimes: list, batch: int, repeats: int, rounds: int) -> list[l
     samples: list[list[float]] = [[] for _ in runtimes]
     for _ in range(rounds):
         for i, rt in enumerate(runtimes):
+            # a few untimed calls first: the switch between backends (another thread pool waking
+            # up) is not what a line PC running one backend ever sees
+            time_runtime(rt, batch, 3)
             samples[i] += time_runtime(rt, batch, per_round)
     return samples
 
@@ -106,6 +110,20 @@ def peak_rss(bundle: Path, backend: str, threads: int) -> float | None:
         print(f"peak RSS of {backend} failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
     return float(res.stdout.strip().splitlines()[-1])
+
+
+def run_isolated(args, bundles: list[Path], backends: list[str]) -> list[dict]:
+    """Time ``backends`` in a child process (same options); returns its rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, __file__, "--bundle", *map(str, bundles), "--backends", *backends]
+        cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats), "--rounds", str(args.rounds)]
+        cmd += ["--size", str(args.size), "--results", str(out)]
+        res = subprocess.run(cmd, check=False)
+        if res.returncode != 0 or not out.is_file():
+            print(f"timing {', '.join(backends)} in a child process failed (exit {res.returncode})", file=sys.stderr)
+            return []
+        return json.loads(out.read_text())
 
 
 def model_label(bundle: Path) -> str:
@@ -150,17 +168,25 @@ def main() -> int:
     except ImportError:
         pass
 
+    # torch runs in a child process of its own: its OpenMP workers keep spinning after each call
+    # and, in the same process, slowed ONNX Runtime at batch 1 from 8.2 to 11 ms on this machine.
+    # A line PC runs one backend, so each family is timed without the other's threads around.
+    wanted = set(args.backends or [b for b, _, _ in candidates])
+    torch_rows: list[dict] = []
+    if "torch" in wanted and wanted != {"torch"}:
+        torch_rows = run_isolated(args, bundles, ["torch"])
+        wanted.discard("torch")
+    candidates = [c for c in candidates if c[0] in wanted]
+
     rss = {}
     for bundle in bundles:
         for backend in ("onnxruntime", "openvino"):
-            if not args.backends or backend in args.backends:
+            if backend in wanted:
                 rss[(bundle, backend)] = peak_rss(bundle, backend, args.threads)
 
     loaded = []  # (bundle, backend, opts, batches, runtime)
     for bundle in bundles:
         for backend, opts, batches in candidates:
-            if args.backends and backend not in args.backends:
-                continue
             try:
                 loaded.append((bundle, backend, opts, batches, load_runtime(backend, bundle, **opts)))
             except Exception as exc:  # report and go on: one missing backend must not hide the others
@@ -191,6 +217,7 @@ def main() -> int:
             print(f"  {backend:<12} {rt.device:<40} b{b:<3} median {med:7.2f} ms  p99 {p99:7.2f} ms", flush=True)
     for *_, rt in loaded:
         rt.close()
+    rows = torch_rows + rows
 
     print(f"\nmachine: {machine}; input {args.size}x{args.size} uint8; {args.threads} CPU threads")
     head = f"{'model':<34}{'backend':<12}{'device':<36}{'batch':>6}{'median ms':>11}{'p99 ms':>9}{'img/s':>9}"
