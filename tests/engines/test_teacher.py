@@ -48,7 +48,7 @@ def test_taps_have_the_documented_channels_and_strides():
     with torch.no_grad():
         feats = teacher(torch.zeros(1, 3, 256, 256))
     assert [tuple(f.shape[1:]) for f in feats] == [(24, 64, 64), (40, 32, 32), (112, 16, 16)]
-    assert len(teacher.backbone._blocks) == 9  # truncated after the deepest tap
+    assert len(teacher.backbone._blocks) == 11  # truncated after the deepest tap
 
 
 def test_same_padding_is_asymmetric_like_tensorflow():
