@@ -83,6 +83,7 @@ def main() -> int:
         d_score = float(np.abs(scores - ref[1]).max()) if ref is not None else None
         row = {
             "bundle": args.bundle.name,
+            "taps": meta["net"]["taps"],
             "dataset": args.data.name,
             "backend": spec,
             "device": device,
@@ -110,7 +111,8 @@ def main() -> int:
             f"{f(r['max_abs_map_diff_vs_torch']):>11}{f(r['max_abs_score_diff_vs_torch']):>12}"
         )
     old = json.loads(args.results.read_text()) if args.results.is_file() else []
-    keep = [r for r in old if (r.get("bundle"), r.get("dataset")) != (args.bundle.name, args.data.name)]
+    key = (args.bundle.name, args.data.name, meta["net"]["taps"])
+    keep = [r for r in old if (r.get("bundle"), r.get("dataset"), r.get("taps")) != key]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(keep + rows, indent=2) + "\n")
     return 0
