@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -105,21 +106,24 @@ def vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
-def run_case(
-    name: str,
-    camera: dict,
-    frames: int,
-    bundle: Path,
-    cal: Path,
-    port: int,
-    work: Path,
-    threads: int,
-    backend: str,
-    timeout_s: float,
-    queue_size: int = 1,
-) -> dict:
+@dataclass(frozen=True)
+class Bench:
+    """What every case shares: the model, its calibration, the broker, the work folder, the runtime."""
+
+    bundle: Path
+    cal: Path
+    port: int
+    work: Path
+    threads: int
+    backend: str
+    queue_size: int = 1
+
+
+def run_case(bench: Bench, name: str, camera: dict, frames: int, timeout_s: float) -> dict:
     import yaml
 
+    bundle, cal, port, work = bench.bundle, bench.cal, bench.port, bench.work
+    threads, backend, queue_size = bench.threads, bench.backend, bench.queue_size
     case = work / name
     case.mkdir()
     cfg = {
@@ -221,24 +225,11 @@ def main() -> int:
     make_parts(parts, min(args.frames, 200), args.size)
     cal = make_calibration(bundle, parts, work / "calibration.yaml")
     broker, port = start_broker(work)
+    bench = Bench(bundle, cal, port, work, args.threads, args.backend, args.queue_size)
     rows = []
     try:
         folder_cam = {"id": "cam1", "type": "folder", "path": str(parts), "loop": True}
-        rows.append(
-            run_case(
-                "folder",
-                folder_cam,
-                args.frames,
-                bundle,
-                cal,
-                port,
-                work,
-                args.threads,
-                args.backend,
-                300,
-                args.queue_size,
-            )
-        )
+        rows.append(run_case(bench, "folder", folder_cam, args.frames, 300))
         pylon_cam = {
             "id": "pylon1",
             "type": "pylon",
@@ -247,21 +238,7 @@ def main() -> int:
             "pixel_format": "Mono8",
             "grab_timeout_ms": 500,
         }
-        rows.append(
-            run_case(
-                "pylon",
-                pylon_cam,
-                args.pylon_frames,
-                bundle,
-                cal,
-                port,
-                work,
-                args.threads,
-                args.backend,
-                120,
-                args.queue_size,
-            )
-        )
+        rows.append(run_case(bench, "pylon", pylon_cam, args.pylon_frames, 120))
     finally:
         broker.terminate()
         broker.wait(10)

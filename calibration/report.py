@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -91,20 +92,18 @@ def _thumb(img: np.ndarray | None, amap: np.ndarray, hi: float) -> str | None:
     return _png(heat_overlay(rgb, amap, 0.0, hi))
 
 
+@dataclass
+class ScoredParts:
+    """One group of scored parts for the report: names, image scores, maps and an image loader."""
+
+    names: list[str]
+    scores: np.ndarray
+    maps: np.ndarray | None
+    loader: Callable | None
+
+
 def write_report(
-    path: Path,
-    cal,
-    img_thr,
-    good_names,
-    good_scores,
-    good_maps,
-    defect_names,
-    defect_scores,
-    defect_maps,
-    dreport,
-    good_loader: Callable | None,
-    defect_loader: Callable | None,
-    n_examples: int = 6,
+    path: Path, cal, img_thr, good: ScoredParts, defects: ScoredParts, dreport, n_examples: int = 6
 ) -> Path:
     esc = html.escape
     parts = [
@@ -123,8 +122,8 @@ def write_report(
         f"<tr><th>expected false-reject rate</th><td>{img_thr.expected_frr:.3%} "
         f"(interval {img_thr.frr_lower:.3%} .. {img_thr.frr_upper:.3%})</td></tr>",
         f"<tr><th>pixel threshold / min area</th><td>{cal.pixel_threshold:.4f} / {cal.min_defect_area_px} px</td></tr>",
-        f"<tr><th>good parts</th><td>{len(good_scores)}</td></tr>",
-        f"<tr><th>defect parts</th><td>{len(defect_scores)}</td></tr>",
+        f"<tr><th>good parts</th><td>{len(good.scores)}</td></tr>",
+        f"<tr><th>defect parts</th><td>{len(defects.scores)}</td></tr>",
         "</table>",
     ]
     for note in img_thr.notes:
@@ -137,24 +136,21 @@ def write_report(
         if dreport.get("warning"):
             parts.append(f"<p class='warn'>{esc(dreport['warning'])}</p>")
     parts.append("<h2>Score histogram</h2>")
-    parts.append(f"<img alt='histogram' src='{histogram_plot(good_scores, defect_scores, cal.image_threshold)}'>")
-    if len(defect_scores):
+    parts.append(f"<img alt='histogram' src='{histogram_plot(good.scores, defects.scores, cal.image_threshold)}'>")
+    if len(defects.scores):
         parts.append("<h2>ROC</h2>")
-        parts.append(f"<img alt='roc' src='{roc_plot(good_scores, defect_scores)}'>")
+        parts.append(f"<img alt='roc' src='{roc_plot(good.scores, defects.scores)}'>")
     hi = max(cal.pixel_threshold * 1.5, 1e-3)
-    for title, names, scores, maps, loader in (
-        ("Highest-scoring good parts", good_names, good_scores, good_maps, good_loader),
-        ("Defect parts", defect_names, defect_scores, defect_maps, defect_loader),
-    ):
-        if maps is None or not len(scores) or loader is None:
+    for title, group in (("Highest-scoring good parts", good), ("Defect parts", defects)):
+        if group.maps is None or not len(group.scores) or group.loader is None:
             continue
         parts.append(f"<h2>{esc(title)}</h2><div class='ex'>")
-        for i in np.argsort(-scores)[:n_examples]:
-            src = _thumb(loader(names[i]), maps[i], hi)
+        for i in np.argsort(-group.scores)[:n_examples]:
+            src = _thumb(group.loader(group.names[i]), group.maps[i], hi)
             if src:
                 parts.append(
-                    f"<figure><img src='{src}'><figcaption>{esc(names[i])}<br>score {scores[i]:.3f}"
-                    "</figcaption></figure>"
+                    f"<figure><img src='{src}'><figcaption>{esc(group.names[i])}<br>"
+                    f"score {group.scores[i]:.3f}</figcaption></figure>"
                 )
         parts.append("</div>")
     parts.append("</body></html>")

@@ -325,22 +325,11 @@ def run_wizard(args, out: TextIO | None = None, inp: TextIO | None = None) -> in
     save_calibration(cal, out_path)
     term.say(f"calibration {cal.id} written to {out_path}")
     report_path = Path(args.report) if args.report else out_path.with_suffix(".html")
-    from calibration.report import write_report
+    from calibration.report import ScoredParts, write_report
 
-    write_report(
-        report_path,
-        cal,
-        img_thr,
-        good_names,
-        good_scores,
-        good_maps,
-        defect_names,
-        defect_scores,
-        defect_maps,
-        dreport,
-        good_loader=_loader(paths),
-        defect_loader=_loader(dpaths),
-    )
+    good = ScoredParts(good_names, good_scores, good_maps, _loader(paths))
+    defects = ScoredParts(defect_names, defect_scores, defect_maps, _loader(dpaths))
+    write_report(report_path, cal, img_thr, good, defects, dreport)
     term.say(f"report written to {report_path}")
     term.say("a running service picks it up on SIGHUP (systemctl reload) or MQTT cmd/reload_calibration")
     return 0
