@@ -369,7 +369,6 @@ class Service:
         }
 
     def start(self) -> None:
-        self.started = True
         self.runtime.warmup(self.cfg.model.warmup_runs)
         self.publisher.publish_status(
             model_sha256=self.runtime.model_sha256,
@@ -443,13 +442,14 @@ class Service:
         log.info("stopping: draining in-flight frames")
         self.notifier.stopping()
         self.stop_capture.set()
-        started = getattr(self, "started", False)  # shutdown of a service that never started only closes
+        # threads that never started (a service stopped before or during start()) are not joined
         for c in self.cameras:
             if c.thread.ident is not None:
                 c.thread.join(10)
         if self.worker.ident is not None:
             self.worker.join(30)
-        delivered = self.publisher.drain(drain_timeout_s) if started else True
+        publishing = self.publisher.thread.ident is not None
+        delivered = self.publisher.drain(drain_timeout_s) if publishing else True
         self._housekeeping_stop.set()
         if self.housekeeping.is_alive():
             self.housekeeping.join(5)
