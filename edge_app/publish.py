@@ -80,6 +80,8 @@ class Publisher:
         self.early_acks: set[int] = set()
         self.cursor = 0
         self.connected = False
+        # set when the broker has acknowledged the cmd/+ subscription: commands sent from then on reach us
+        self.commands_ready = threading.Event()
         self.last_error: str | None = None
         self.auth_failed = False
         self._stop = threading.Event()
@@ -114,6 +116,7 @@ class Publisher:
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         return c
 
     def _status(self, state: str) -> dict[str, Any]:
@@ -160,7 +163,15 @@ class Publisher:
         if self.metrics:
             self.metrics.set("mqtt_connected", 1)
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [rc for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error("MQTT broker refused the command subscription %s/cmd/+: %s", self.base, failed[0])
+            return
+        self.commands_ready.set()
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.commands_ready.clear()
         with self.cond:
             was = self.connected
             self.connected = False

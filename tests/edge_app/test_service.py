@@ -113,6 +113,7 @@ def test_pylon_emulator_software_trigger_with_part_ids(tmp_path, broker, listene
     svc = start_service(cfg)
     try:
         assert run_until(svc, lambda: svc.cam_states.get("pylon1") == "connected", 20)
+        assert svc.publisher.commands_ready.wait(10), "the broker never acknowledged the cmd/+ subscription"
         parts = [f"P-{i:03d}" for i in range(7)]
         for pid in parts:
             lst.publish(f"{BASE}/cmd/trigger", {"part_id": pid})
@@ -155,9 +156,12 @@ def test_broker_outage_loses_nothing_and_keeps_order(tmp_path, broker, listener_
     svc = start_service(cfg)
     try:
         assert len(lst.wait_for("/result", 5)) >= 5
+        assert svc.publisher.commands_ready.is_set()
         broker.stop()  # broker down mid-run: verdicts pile up in the outbox
         assert run_until(svc, lambda: svc.db.backlog() >= 10, 20)
+        assert not svc.publisher.commands_ready.is_set(), "no commands can arrive while the broker is down"
         broker.start()
+        assert svc.publisher.commands_ready.wait(15), "the cmd/+ subscription is renewed after the reconnect"
         time.sleep(1.0)
     finally:
         svc.stop_capture.set()
@@ -321,6 +325,8 @@ def test_pause_resume_and_part_id_commands(tmp_path, broker, listener_factory, c
     cfg = write_config(tmp_path / "c.yaml", calibrated, broker, tmp_path, [cam])
     svc = start_service(cfg)
     try:
+        # commands are not retained: one sent before the broker acknowledged our subscription is gone
+        assert svc.publisher.commands_ready.wait(10), "the broker never acknowledged the cmd/+ subscription"
         lst.publish(f"{BASE}/cmd/pause", {})
         assert run_until(svc, svc.paused.is_set, 5)
         for i in range(3):
