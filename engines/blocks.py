@@ -105,9 +105,31 @@ class SSPCAB(nn.Module):
             h = F.conv2d(x, w, b, padding=pad, dilation=dil)
         return self.se(F.relu(h))
 
+    def frozen(self) -> FrozenSSPCAB:
+        """An inference-only copy whose fused convolution is stored, not computed from the corners."""
+        return FrozenSSPCAB(self)
+
     @staticmethod
     def reconstruction_loss(output: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(output, inp)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, d={self.d}"
+
+
+class FrozenSSPCAB(nn.Module):
+    """SSPCAB for export: the fused kernel and bias are buffers, so the exported graph holds them as
+    initializers (no Concat/Reshape/Add computing a convolution's weights, which TensorRT's ONNX
+    parser wants as constants). Same output as ``SSPCAB`` in eval mode."""
+
+    def __init__(self, block: SSPCAB):
+        super().__init__()
+        with torch.no_grad():
+            w, b, self.dilation, self.padding = block.fused_conv()
+        self.register_buffer("weight", w.detach().clone())
+        self.register_buffer("bias", b.detach().clone())
+        self.se = block.se
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.conv2d(x, self.weight, self.bias, padding=self.padding, dilation=self.dilation)
+        return self.se(F.relu(h))

@@ -23,6 +23,7 @@ from torch import nn
 
 from engines import bundle as bundle_mod
 from engines.model import KDModel
+from engines.trt_compat import tensorrt_problems
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,35 @@ class ExportError(RuntimeError):
     """Export failed; the message says what to do."""
 
 
+def to_float_nchw(image: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW, cast FIRST: TensorRT takes a uint8 network input only into a cast
+    (its Shuffle layer, which a Transpose becomes, has no uint8 in TensorRT 10.0 to 10.6)."""
+    return image.to(torch.float32).permute(0, 3, 1, 2)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """An eval-mode deep copy for export, with every SSPCAB's fused convolution stored as constants."""
+    import copy
+
+    from engines.blocks import SSPCAB
+
+    out = copy.deepcopy(module).eval()
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SSPCAB):
+                setattr(parent, name, child.frozen())
+    return out
+
+
 class InferenceGraph(nn.Module):
     """uint8 NHWC in -> (anomaly_map, score) out: exactly what the runtimes execute."""
 
     def __init__(self, model: KDModel):
         super().__init__()
-        self.model = model.eval()
+        self.model = frozen_copy(model)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = image.permute(0, 3, 1, 2).to(torch.float32)
-        return self.model(x)
+        return self.model(to_float_nchw(image))
 
 
 class InferenceGraphFP16(nn.Module):
@@ -58,17 +78,15 @@ class InferenceGraphFP16(nn.Module):
 
     def __init__(self, model: KDModel):
         super().__init__()
-        import copy
-
         self.model = model.eval()
-        self.teacher16 = copy.deepcopy(model.teacher).half().eval()
-        self.student16 = copy.deepcopy(model.student).half().eval()
+        self.teacher16 = frozen_copy(model.teacher).half()
+        self.student16 = frozen_copy(model.student).half()
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from engines.teacher import normalize_input
 
         m = self.model
-        xn = normalize_input(image.permute(0, 3, 1, 2).to(torch.float32)).to(torch.float16)
+        xn = normalize_input(to_float_nchw(image)).to(torch.float16)
         t_feats = [t.float() for t in self.teacher16(xn)]
         s_feats = [s.float() for s in self.student16(xn)[0]]
         amap = m.fuse(m.scale_maps(t_feats, s_feats))
@@ -106,6 +124,10 @@ def export_onnx(model: KDModel, path: Path, opset: int = OPSET, fp16: bool = Fal
         " (networks in fp16)" if fp16 else ""
     )
     onnx.checker.check_model(proto, full_check=True)
+    problems = tensorrt_problems(proto)
+    if problems:
+        msg = "the exported graph would not build in TensorRT 10: " + "; ".join(problems)
+        raise ExportError(msg)
     bundle_mod.atomic_write_bytes(path, proto.SerializeToString())
     return path
 
@@ -140,7 +162,8 @@ def _compare_with_torch(
 ) -> dict[str, float]:
     """Max |difference| of a runtime's outputs against torch fp32; ExportError beyond ``atol``."""
     with torch.no_grad():
-        t_map, t_score = InferenceGraph(model)(torch.from_numpy(images))
+        # the trained module itself (live SSPCAB corners), not the frozen copy the export traced
+        t_map, t_score = model.eval()(to_float_nchw(torch.from_numpy(images)))
     d_map = float(np.abs(o_map - t_map.numpy()).max())
     d_score = float(np.abs(o_score - t_score.numpy()).max())
     if not (d_map <= atol and d_score <= atol):

@@ -81,6 +81,10 @@ def test_sspcab_fused_inference_conv_equals_the_four_corner_convs(k, d):
     trained_path = block(x)
     block.eval()
     torch.testing.assert_close(block(x), trained_path, rtol=1e-5, atol=1e-5)
+    # the export's frozen copy stores that kernel and gives the same output
+    frozen = block.frozen()
+    assert {n for n, _ in frozen.named_buffers()} == {"weight", "bias"}
+    torch.testing.assert_close(frozen(x), trained_path, rtol=1e-5, atol=1e-5)
     # the fused kernel has no weight on the masked centre either
     size = 2 * (k + d) + 5
     xg = torch.randn(1, 6, size, size, requires_grad=True)

@@ -37,6 +37,13 @@ def test_export_writes_one_verified_file_and_records_its_sha(exported_bundle: Pa
         if n.op_type == "Conv" and any(a.name == "dilations" and max(a.ints) > 1 for a in n.attribute)
     ]
     assert len(dilated) == 1
+    # what TensorRT 10's parser needs: uint8 only straight into a Cast, constant conv weights, ...
+    from engines.trt_compat import tensorrt_problems
+
+    assert tensorrt_problems(model) == []
+    first = next(n for n in model.graph.node if "image" in n.input)
+    assert first.op_type == "Cast"
+    assert "Concat" not in ops, "SSPCAB's fused kernel is stored, not concatenated at run time"
 
 
 def test_failed_parity_check_leaves_no_model(tmp_path: Path, trained_bundle: Path, monkeypatch):
@@ -69,3 +76,15 @@ def test_export_cli_reports_parity(capsys, tmp_path: Path, trained_bundle: Path)
     out = capsys.readouterr().out
     assert "parity vs torch" in out and "model.onnx" in out
     assert np.isfinite(json.loads((b / "model.json").read_text())["onnx"]["parity"]["max_abs_map"])
+
+
+def test_graph_tensorrt_would_refuse_fails_the_export(tmp_path: Path, trained_bundle: Path, monkeypatch):
+    import engines.export as ex
+
+    b = tmp_path / "b"
+    shutil.copytree(trained_bundle, b)
+    monkeypatch.setattr(ex, "tensorrt_problems", lambda m: ["node 'x' (Foo): operator not in the list"])
+    with pytest.raises(ExportError, match=r"would not build in TensorRT 10: node 'x' \(Foo\)"):
+        export_bundle(b)
+    assert not (b / "model.onnx").exists()
+    assert not list(b.glob(".model.*"))

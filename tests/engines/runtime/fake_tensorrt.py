@@ -189,9 +189,16 @@ def make_fake_tensorrt(version: str, memory: _DeviceMemory):
             with open(path, "rb") as f:
                 data = f.read()
             try:
-                onnx.checker.check_model(onnx.load_from_string(data))
+                model = onnx.load_from_string(data)
+                onnx.checker.check_model(model)
             except Exception as exc:
                 self.errors.append(f"fake parser: {exc}")
+                return False
+            # the documented parser restrictions (operators, uint8, constant inputs) refuse the graph
+            from engines.trt_compat import tensorrt_problems
+
+            self.errors += [f"fake parser: {p}" for p in tensorrt_problems(model)]
+            if self.errors:
                 return False
             self.network.onnx = data
             return True

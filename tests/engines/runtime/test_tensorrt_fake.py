@@ -170,3 +170,29 @@ def test_build_engine_cli_without_tensorrt(monkeypatch, capsys, bundle: Path):
     assert main(["build-engine", "--bundle", str(bundle), "--fp16"]) == 2
     err = capsys.readouterr().err
     assert "'tensorrt'" in err and "lineinspect[trt]" in err
+
+
+def test_graph_the_parser_refuses_gives_its_reasons_and_no_plan(fake_trt, bundle: Path):
+    """An export from before the cast-first fix (uint8 -> Transpose) is refused with the parser's reasons."""
+    import onnx
+    from onnx import helper
+
+    from engines import bundle as bundle_mod
+
+    mod, _, _ = fake_trt()
+    m = onnx.load(str(bundle / "model.onnx"))
+    cast, transpose = m.graph.node[0], m.graph.node[1]
+    assert (cast.op_type, transpose.op_type) == ("Cast", "Transpose")
+    # the old order: Transpose on the uint8 input, then Cast
+    old_t = helper.make_node("Transpose", ["image"], ["image_nchw"], perm=[0, 3, 1, 2], name="old_permute")
+    old_c = helper.make_node("Cast", ["image_nchw"], [transpose.output[0]], to=onnx.TensorProto.FLOAT, name="old_cast")
+    nodes = [old_t, old_c, *m.graph.node[2:]]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    (bundle / "model.onnx").write_bytes(m.SerializeToString())
+    meta = bundle_mod.read_meta(bundle)
+    meta["onnx"]["sha256"] = bundle_mod.sha256_file(bundle / "model.onnx")
+    bundle_mod.write_meta(bundle, meta)
+    with pytest.raises(ModelFileError, match=r"TensorRT could not parse .*uint8 tensor 'image' feeds a Transpose"):
+        mod.build_engine(bundle, precision="fp16")
+    assert not list((bundle / "engines").glob("*.plan"))
