@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # Re-install whenever pyproject.toml changes.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
-EXTRAS := train,ort,openvino,basler,dev
+EXTRAS := train,ort,openvino,int8,basler,dev
 DEMO   := demo_out
 
 .PHONY: venv test lint demo clean

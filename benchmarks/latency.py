@@ -3,7 +3,8 @@
     python benchmarks/latency.py [--bundle BUNDLE [BUNDLE ...]] [--threads 2] [--repeats 300]
 
 Prints median / p99 latency and throughput at batch 1 and 8 (256x256 unless the bundle says
-otherwise) for torch eager (CPU), onnxruntime, openvino f32 (and bf16), and, where a GPU is
+otherwise) for torch eager (CPU), onnxruntime, openvino f32, bf16 and int8 (bundles that
+`lineinspect quantize` has run on), and, where a GPU is
 present, torch CUDA-graph fp16 (batch 1, 8, 16) and TensorRT. All of them are loaded first and
 timed in alternating rounds (see ``interleaved``); several bundles (e.g. two tap settings) are
 timed side by side the same way. Also the peak resident memory of a
@@ -152,6 +153,8 @@ def main() -> int:
         ("onnxruntime", {"threads": args.threads}, [1, 8]),
         ("openvino", {"threads": args.threads, "precision": "f32"}, [1, 8]),
         ("openvino", {"threads": args.threads, "precision": "bf16"}, [1, 8]),
+        # only for bundles that 'lineinspect quantize' has run on (skipped, with the reason, otherwise)
+        ("openvino", {"threads": args.threads, "precision": "int8"}, [1, 8]),
     ]
     try:
         import torch

@@ -48,6 +48,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="write an int8 OpenVINO model into BUNDLE (openvino precision int8)")
+    p.add_argument("--bundle", required=True, help="exported model bundle folder")
+    p.add_argument("--images", help="folder of good-part images (default: the bundle's training data)")
+    p.add_argument("--n-images", type=int, default=300, help="images for the activation statistics")
+
+
 def _add_build_engine(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-engine", help="build the TensorRT plan for this GPU from BUNDLE/model.onnx")
     p.add_argument("--bundle", required=True, help="exported model bundle folder")
@@ -110,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_synthetic(sub)
     _add_export(sub)
+    _add_quantize(sub)
     _add_build_engine(sub)
     _add_service(sub)
     _add_calibrate(sub)
@@ -138,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         from engines.export import main_export
 
         return main_export(args)
+    if args.command == "quantize":
+        from engines.quantize import main_quantize
+
+        return main_quantize(args)
     if args.command == "build-engine":
         from engines.runtime import BACKENDS, SDKMissingError, _import_sdk
 

@@ -118,7 +118,7 @@ class ModelConfig(Strict):
     )
     device: str | None = Field(None, description="backend device (cpu / cuda / CPU; None: the backend's default)")
     threads: int | None = Field(None, ge=1, description="CPU threads for the runtime (None: all cores)")
-    precision: str | None = Field(None, description="openvino f32|bf16, tensorrt fp32|fp16|int8 (None: default)")
+    precision: str | None = Field(None, description="openvino f32|bf16|int8, tensorrt fp32|fp16|int8 (None: default)")
     warmup_runs: int = Field(3, ge=0, description="inferences run before READY=1")
 
     def runtime_options(self) -> dict[str, Any]:

@@ -238,6 +238,7 @@ def export_bundle(bundle: Path, images_dir: Path | None = None, opset: int = OPS
         "torch": torch.__version__,
     }
     meta["onnx_fp16"] = None
+    meta["openvino_int8"] = None  # quantised from the previous export: re-run 'lineinspect quantize'
     if fp16_graph:
         final16 = bundle / "model_fp16.onnx"
         tmp16 = bundle / ".model_fp16.onnx.tmp"

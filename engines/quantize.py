@@ -1,0 +1,204 @@
+"""INT8 for OpenVINO: post-training quantisation of the exported graph on good-part images (NNCF).
+
+    lineinspect quantize --bundle B [--images GOOD_DIR] [--n-images 300]
+
+Writes ``model_int8.xml`` + ``model_int8.bin`` (OpenVINO IR) into the bundle and records them in
+model.json under ``openvino_int8`` (file hashes, the ONNX export they come from, the images used
+and how far the int8 outputs land from f32 on held-out good images). The runtime loads them with
+``openvino`` precision ``int8``, and refuses them once the ONNX export they came from is replaced.
+
+Only the two networks' convolutions are quantised (weights per channel, activations per tensor);
+the map head (cosine distances, SimAM statistics, resizes as matrix products, smoothing, score)
+stays in f32. On CPUs without bf16 (most line PCs) int8 is the fast path; where bf16 exists it is
+about as fast. It moves the scores more than bf16 does (``benchmarks/backend_accuracy.py`` has the
+table), so it is opt-in and the station must be calibrated with it (calibration records the
+precision and the service warns when they differ).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines import bundle as bundle_mod
+from engines.runtime.base import ModelFileError, onnx_path_checked
+
+log = logging.getLogger(__name__)
+
+INT8_XML = "model_int8.xml"
+INT8_BIN = "model_int8.bin"
+MIN_IMAGES = 32
+HEAD_OPS = ("MatMul", "Multiply", "ReduceL2", "ReduceSum", "ReduceMean")
+HELD_OUT = 16  # good images kept out of the statistics to measure the int8 deviation on
+
+
+class QuantizeError(RuntimeError):
+    """Quantisation could not be done; the message says what to do."""
+
+
+def calibration_images(meta: dict[str, Any], size: int, images_dir: Path | None, n: int) -> np.ndarray:
+    """Good-part images: the folder given, else the bundle's training data. Spread over the folder."""
+    from engines.data import DatasetError, good_training_images, list_images, load_images
+
+    if images_dir is not None:
+        if not Path(images_dir).is_dir():
+            msg = f"image folder not found: {images_dir}"
+            raise QuantizeError(msg)
+        paths = list_images(Path(images_dir))
+        source = str(images_dir)
+    else:
+        data = (meta.get("training") or {}).get("data")
+        if not data or not Path(data).exists():
+            msg = "the bundle's training data is not here; pass --images with a folder of good-part images"
+            raise QuantizeError(msg)
+        try:
+            paths = good_training_images(Path(data))
+        except DatasetError as exc:
+            raise QuantizeError(str(exc)) from exc
+        source = str(data)
+    if len(paths) < MIN_IMAGES:
+        msg = f"{source}: int8 quantisation needs at least {MIN_IMAGES} good images, found {len(paths)}"
+        raise QuantizeError(msg)
+    if len(paths) > n:
+        pick = np.linspace(0, len(paths) - 1, n).round().astype(int)
+        paths = [paths[i] for i in pick]
+    return load_images(paths, size)
+
+
+def _int8_deviation(f32, int8, images: np.ndarray) -> dict[str, float]:
+    """Largest |map| and |score| difference of the int8 model from f32 on ``images``."""
+    out = {}
+    for name, compiled in (("f32", f32), ("int8", int8)):
+        req = compiled.create_infer_request()
+        maps, scores = [], []
+        for x in images:
+            res = req.infer({0: x[None]})
+            maps.append(np.array(res[compiled.output("anomaly_map")][0]))
+            scores.append(float(res[compiled.output("score")][0]))
+        out[name] = (np.stack(maps), np.array(scores))
+    if not (np.isfinite(out["int8"][0]).all() and np.isfinite(out["int8"][1]).all()):
+        msg = "the int8 model gives non-finite outputs on good images; keep f32/bf16 for this model"
+        raise QuantizeError(msg)
+    d_map = np.abs(out["int8"][0] - out["f32"][0])
+    d_score = np.abs(out["int8"][1] - out["f32"][1])
+    return {
+        "max_abs_map": round(float(d_map.max()), 4),
+        "p99_abs_map": round(float(np.quantile(d_map, 0.99)), 4),
+        "max_abs_score": round(float(d_score.max()), 4),
+        "median_abs_score": round(float(np.median(d_score)), 4),
+        "n_images": len(images),
+    }
+
+
+def quantize_bundle(bundle: Path, images_dir: Path | None = None, n_images: int = 300, seed: int = 0) -> Path:
+    """Quantise ``bundle/model.onnx`` to an int8 OpenVINO IR in the bundle; returns the .xml path."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as exc:
+        msg = f"int8 quantisation needs nncf and openvino ({exc}); install: pip install 'lineinspect[int8]'"
+        raise QuantizeError(msg) from exc
+    bundle = Path(bundle)
+    meta = bundle_mod.read_meta(bundle)
+    onnx_path = onnx_path_checked(bundle, meta)
+    size = bundle_mod.input_size(meta)
+    images = calibration_images(meta, size, images_dir, n_images + HELD_OUT)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
+    held_out, stats = images[order[:HELD_OUT]], images[order[HELD_OUT:]]
+
+    core = ov.Core()
+    model = core.read_model(str(onnx_path))
+    nncf.set_log_level(logging.ERROR)
+    try:
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(list(stats), lambda x: x[None]),
+            preset=nncf.QuantizationPreset.PERFORMANCE,
+            subset_size=len(stats),
+            fast_bias_correction=True,
+            # The map head stays f32: quantising the inputs of its products and reductions (cosine
+            # distances, SimAM) tripled the int8 error on the map (mean |diff| from f32 1.0 -> 0.32
+            # without them on magnetic_tile) at no gain in speed.
+            ignored_scope=nncf.IgnoredScope(types=list(HEAD_OPS), validate=False),
+        )
+    except Exception as exc:
+        msg = f"nncf could not quantise {onnx_path}: {str(exc).strip().splitlines()[0]}"
+        raise QuantizeError(msg) from exc
+
+    def compiled(m):
+        m = m.clone()
+        m.reshape({m.input(0).any_name: [1, size, size, 3]})
+        return core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+    deviation = _int8_deviation(compiled(model), compiled(quantized), held_out)
+
+    xml, bin_ = bundle / INT8_XML, bundle / INT8_BIN
+    tmp_xml = bundle / f".{INT8_XML}.{os.getpid()}.tmp.xml"
+    tmp_bin = tmp_xml.with_suffix(".bin")
+    try:
+        ov.save_model(quantized, str(tmp_xml), compress_to_fp16=False)
+        os.replace(tmp_bin, bin_)
+        # the .xml names its .bin by file name: rewrite nothing, the pair is read as model_int8.*
+        os.replace(tmp_xml, xml)
+    finally:
+        tmp_xml.unlink(missing_ok=True)
+        tmp_bin.unlink(missing_ok=True)
+    meta["openvino_int8"] = {
+        "xml": INT8_XML,
+        "bin": INT8_BIN,
+        "xml_sha256": bundle_mod.sha256_file(xml),
+        "bin_sha256": bundle_mod.sha256_file(bin_),
+        "for_onnx_sha256": meta["onnx"]["sha256"],
+        "calibration_images": {"n": len(stats), "source": str(images_dir or meta["training"]["data"])},
+        "scheme": "nncf PERFORMANCE preset: int8 convolutions, per-channel weights, per-tensor activations; "
+        f"not quantised: {', '.join(HEAD_OPS)} (the map head)",
+        "deviation_from_f32": deviation,
+        "nncf": nncf.__version__,
+        "openvino": ov.__version__,
+        "quantized_at": bundle_mod.utc_now(),
+    }
+    bundle_mod.write_meta(bundle, meta)
+    return xml
+
+
+def int8_paths_checked(bundle: Path, meta: dict[str, Any], verify_sha: bool = True) -> Path:
+    """The int8 IR's .xml, checked against model.json and against the current ONNX export."""
+    info = meta.get("openvino_int8")
+    redo = f"run 'lineinspect quantize --bundle {bundle}'"
+    if not info:
+        msg = f"{bundle} has no int8 model: {redo} first (it needs nncf: pip install 'lineinspect[int8]')"
+        raise ModelFileError(msg)
+    onnx_sha = (meta.get("onnx") or {}).get("sha256")
+    if info.get("for_onnx_sha256") != onnx_sha:
+        msg = f"the int8 model in {bundle} was quantised from another export of the model; {redo} again"
+        raise ModelFileError(msg)
+    xml, bin_ = Path(bundle) / info["xml"], Path(bundle) / info["bin"]
+    for path, key in ((xml, "xml_sha256"), (bin_, "bin_sha256")):
+        if not path.is_file():
+            msg = f"{path} is missing; {redo}"
+            raise ModelFileError(msg)
+        if verify_sha and bundle_mod.sha256_file(path) != info.get(key):
+            msg = f"{path} does not match model.json (corrupt, truncated or replaced); {redo}"
+            raise ModelFileError(msg)
+    return xml
+
+
+def main_quantize(args) -> int:
+    try:
+        xml = quantize_bundle(Path(args.bundle), Path(args.images) if args.images else None, args.n_images)
+    except (QuantizeError, ModelFileError, bundle_mod.BundleError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    d = bundle_mod.read_meta(Path(args.bundle))["openvino_int8"]["deviation_from_f32"]
+    print(
+        f"int8 model written to {xml}; on {d['n_images']} held-out good images it differs from f32 by up to "
+        f"{d['max_abs_map']:.3g} on the map and {d['max_abs_score']:.3g} on the score "
+        f"(median {d['median_abs_score']:.3g}); calibrate the station with precision int8"
+    )
+    return 0
