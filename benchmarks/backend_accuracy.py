@@ -7,7 +7,7 @@ For every backend (``openvino:bf16`` selects a precision) it scores the whole te
 image AUROC, pixel AUROC, AU-PRO and the largest |map| and |score| difference from torch fp32 on the
 same images. The reduced-precision backends are opt-in because of this table: a faster backend is
 only worth it when these numbers stay put. Writes benchmarks/results/backend_accuracy.json (rows of
-other bundles/datasets already in the file are kept).
+other bundles, datasets or backends already in the file are kept).
 """
 
 from __future__ import annotations
@@ -111,8 +111,13 @@ def main() -> int:
             f"{f(r['max_abs_map_diff_vs_torch']):>11}{f(r['max_abs_score_diff_vs_torch']):>12}"
         )
     old = json.loads(args.results.read_text()) if args.results.is_file() else []
-    key = (args.bundle.name, args.data.name, meta["net"]["taps"])
-    keep = [r for r in old if (r.get("bundle"), r.get("dataset"), r.get("taps")) != key]
+
+    # replace only the rows this run measured: the same bundle, dataset, taps and backend
+    def row_key(r: dict) -> tuple:
+        return r.get("bundle"), r.get("dataset"), tuple(r.get("taps") or ()), r.get("backend")
+
+    ran = {row_key(r) for r in rows}
+    keep = [r for r in old if row_key(r) not in ran]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(keep + rows, indent=2) + "\n")
     return 0
