@@ -40,7 +40,7 @@ class ExportError(RuntimeError):
 
 def to_float_nchw(image: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float32 NCHW, cast FIRST: TensorRT takes a uint8 network input only into a cast
-    (its Shuffle layer, which a Transpose becomes, has no uint8 in TensorRT 10.0 to 10.6)."""
+    (its Shuffle layer, which a Transpose becomes, lists no uint8 in TensorRT 10's documentation)."""
     return image.to(torch.float32).permute(0, 3, 1, 2)
 
 

@@ -8,7 +8,8 @@ data type documentation), for the operators this project's graphs use:
 - the opset is within TensorRT 10.0's range (9 to 20);
 - every operator is one the parser supports, with its supported data types;
 - uint8 appears only where TensorRT allows it: a network input (or output) going straight into
-  (out of) a Cast. Its Shuffle layer, which a Transpose becomes, takes no uint8 before 10.7;
+  (out of) a Cast. Its Shuffle layer, which a Transpose becomes, lists no uint8 in TensorRT 10's
+  operator documentation (10.6 and the current page);
 - inputs the parser wants as constants are constants: convolution weights, Clip bounds, reduction
   and (un)squeeze axes, TopK's K;
 - no external data files.

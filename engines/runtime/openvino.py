@@ -25,7 +25,7 @@ PRECISIONS = ("f32", "bf16", "int8")
 def int8_float_precision(core: ov.Core, device: str = "CPU") -> str:
     """What an int8 model's unquantised part (the map head) runs in: bf16 where the CPU has it, else f32.
 
-    On the benchmark CPU (AVX-512 bf16) this took int8 from 5.2 to 4.8 ms at batch 1; the map head is
+    On the benchmark CPU (AVX-512 bf16) this took int8 from 5.2 to 4.8 ms at batch 1 in ad-hoc runs; the map head is
     where bf16 rounds (scores within ~0.4 of f32 for bf16 alone, against the int8 convolutions' ~4).
     """
     try:
