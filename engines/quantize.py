@@ -11,10 +11,10 @@ Only the two networks' dense convolutions are quantised (weights per channel, ac
 tensor). Depthwise convolutions and the map head (cosine distances, SimAM statistics, resizes as
 matrix products, smoothing, score) stay in floating point: bf16 on CPUs that have it, else f32.
 On CPUs without bf16 (most line PCs) int8 is the fast path (-37 % against f32 on the benchmark
-CPU); where bf16 exists it was 10 % faster than bf16 alone there in normal runs (4.91 against 5.48
-ms at batch 1) and 10 % slower in the VM's slow spells. It moves the scores more than bf16 does (``benchmarks/backend_accuracy.py`` has
-the table), so it is opt-in and the station must be calibrated with it (calibration records the
-precision and the service warns when they differ).
+CPU); where bf16 exists it was 10 % faster than bf16 alone there in normal runs (4.91 against
+5.48 ms at batch 1) and 10 % slower in the VM's slow spells. It moves the scores more than bf16
+does (``benchmarks/backend_accuracy.py`` has the table), so it is opt-in and the station must be
+calibrated with it (calibration records the precision and the service warns when they differ).
 """
 
 from __future__ import annotations
