@@ -2,10 +2,12 @@
 
     python benchmarks/accuracy.py [--epochs 6] [--datasets magnetic_tile ball_screw_drive]
                                   [--variants full plain simam sspcab] [--device cpu]
+                                  [--taps 2 4 10] [--student-expand 6] [--seed 0]
 
 Writes benchmarks/results/accuracy.json (rows: dataset, variant, image_auroc, pixel_auroc, au_pro,
-epochs, train_seconds, machine). Rows are appended as each run finishes, so a long run that is
-stopped keeps what it measured.
+epochs, taps, student_expand, seed, train_seconds, machine); a row replaces an older one only for
+the same dataset, variant, taps, student_expand and seed. Rows are written as each run finishes,
+so a long run that is stopped keeps what it measured.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ VARIANTS = {
 }
 
 
+def _key(row: dict) -> tuple:
+    """Rows replace each other only when they measured the same setting."""
+    return (row["dataset"], row["variant"], row.get("taps"), row.get("student_expand", 6), row.get("seed", 0))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", type=Path, default=HERE.parent.parent / "shared" / "data")
@@ -39,6 +46,8 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--taps", type=int, nargs="+", help="teacher blocks to tap (default: the model's default)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (split, initialisation, batch order)")
+    ap.add_argument("--student-expand", type=int, help="student MBConv expansion ratio (default: the model's)")
     ap.add_argument("--work", type=Path, default=HERE.parent / "runs" / "accuracy")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "accuracy.json")
     ap.add_argument("--append", action="store_true", help="keep existing rows of other (dataset, variant) pairs")
@@ -56,8 +65,15 @@ def main() -> int:
             data = args.data_root / ds
             bundle = args.work / f"{ds}-{variant}"
             extra = {"taps": args.taps} if args.taps else {}
+            if args.student_expand:
+                extra["student_expand"] = args.student_expand
             cfg = TrainConfig(
-                epochs=args.epochs, image_size=args.image_size, device=args.device, **VARIANTS[variant], **extra
+                epochs=args.epochs,
+                image_size=args.image_size,
+                device=args.device,
+                seed=args.seed,
+                **VARIANTS[variant],
+                **extra,
             )
             t0 = time.perf_counter()
             train(data, bundle, cfg, quiet=True)
@@ -76,26 +92,30 @@ def main() -> int:
                 "f1_max": round(overall["f1_max"], 4),
                 "epochs": args.epochs,
                 "taps": list(cfg.taps),
+                "student_expand": cfg.student_expand,
+                "seed": cfg.seed,
                 "image_size": args.image_size,
                 "train_seconds": round(train_s, 1),
                 "machine": machine,
                 "per_defect": res["rows"][:-1],
             }
-            same = (ds, variant, list(cfg.taps))
-            rows = [r for r in rows if (r["dataset"], r["variant"], r.get("taps")) != same] + [row]
+            same = (ds, variant, list(cfg.taps), cfg.student_expand, cfg.seed)
+            rows = [r for r in rows if _key(r) != same]
+            rows.append(row)
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(rows, indent=2) + "\n")
 
     print(f"\nmachine: {machine}")
     print(
-        f"{'dataset':<18}{'variant':<8}{'taps':<10}{'img AUROC':>10}{'px AUROC':>10}{'AU-PRO':>8}{'epochs':>7}"
-        f"{'train s':>9}"
+        f"{'dataset':<18}{'variant':<8}{'taps':<10}{'expand':>7}{'seed':>5}{'img AUROC':>10}{'px AUROC':>10}"
+        f"{'AU-PRO':>8}{'epochs':>7}{'train s':>9}"
     )
     for r in rows:
         taps = ",".join(str(t) for t in r.get("taps") or [])
         print(
-            f"{r['dataset']:<18}{r['variant']:<8}{taps:<10}{r['image_auroc']:>10.3f}{r['pixel_auroc']:>10.3f}"
-            f"{r['au_pro']:>8.3f}{r['epochs']:>7}{r['train_seconds']:>9.0f}"
+            f"{r['dataset']:<18}{r['variant']:<8}{taps:<10}{r.get('student_expand', 6):>7}{r.get('seed', 0):>5}"
+            f"{r['image_auroc']:>10.3f}{r['pixel_auroc']:>10.3f}{r['au_pro']:>8.3f}{r['epochs']:>7}"
+            f"{r['train_seconds']:>9.0f}"
         )
     return 0
 

@@ -84,6 +84,7 @@ def main() -> int:
         row = {
             "bundle": args.bundle.name,
             "taps": meta["net"]["taps"],
+            "student_expand": meta["net"].get("student_expand", 6),
             "dataset": args.data.name,
             "backend": spec,
             "device": device,
@@ -112,9 +113,10 @@ def main() -> int:
         )
     old = json.loads(args.results.read_text()) if args.results.is_file() else []
 
-    # replace only the rows this run measured: the same bundle, dataset, taps and backend
+    # replace only the rows this run measured: the same bundle, dataset, network and backend
     def row_key(r: dict) -> tuple:
-        return r.get("bundle"), r.get("dataset"), tuple(r.get("taps") or ()), r.get("backend")
+        net = (tuple(r.get("taps") or ()), r.get("student_expand", 6))
+        return r.get("bundle"), r.get("dataset"), net, r.get("backend")
 
     ran = {row_key(r) for r in rows}
     keep = [r for r in old if row_key(r) not in ran]

@@ -128,8 +128,9 @@ def run_isolated(args, bundles: list[Path], backends: list[str]) -> list[dict]:
 
 
 def model_label(bundle: Path) -> str:
-    taps = json.loads((bundle / "model.json").read_text())["net"]["taps"]
-    return f"{bundle.name} (taps {','.join(str(t) for t in taps)})"
+    net = json.loads((bundle / "model.json").read_text())["net"]
+    taps = ",".join(str(t) for t in net["taps"])
+    return f"{bundle.name} (taps {taps}, student x{net.get('student_expand', 6)})"
 
 
 def main() -> int:
@@ -223,12 +224,12 @@ def main() -> int:
     rows = torch_rows + rows
 
     print(f"\nmachine: {machine}; input {args.size}x{args.size} uint8; {args.threads} CPU threads")
-    head = f"{'model':<34}{'backend':<12}{'device':<36}{'batch':>6}{'median ms':>11}{'p99 ms':>9}{'img/s':>9}"
+    head = f"{'model':<48}{'backend':<12}{'device':<36}{'batch':>6}{'median ms':>11}{'p99 ms':>9}{'img/s':>9}"
     print(f"{head}{'RSS MB':>8}")
     for r in rows:
         rss_s = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-"
         print(
-            f"{r['model'][:33]:<34}{r['backend']:<12}{r['device'][:35]:<36}{r['batch']:>6}{r['median_ms']:>11.2f}"
+            f"{r['model'][:47]:<48}{r['backend']:<12}{r['device'][:35]:<36}{r['batch']:>6}{r['median_ms']:>11.2f}"
             f"{r['p99_ms']:>9.2f}{r['images_per_s']:>9.1f}{rss_s:>8}"
         )
     old = json.loads(args.results.read_text()) if args.append and args.results.is_file() else []

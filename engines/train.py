@@ -52,6 +52,9 @@ class TrainConfig(BaseModel):
     sspcab_lambda: float = Field(0.1, ge=0, description="weight of SSPCAB's reconstruction loss")
     sspcab_after_block: int | None = Field(None, description="block whose output SSPCAB sees (None: deepest-1)")
     taps: list[int] = Field(default_factory=lambda: list(DEFAULT_TAPS), description="teacher blocks to tap")
+    student_expand: int = Field(
+        3, ge=1, le=6, description="expansion ratio of the student's MBConv blocks (the teacher's is 6)"
+    )
     scale_weights: list[float] | None = Field(None, description="per-tap weights in the fused map (None: equal)")
     blur_sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the fused map, input pixels")
     fuse_stride: Literal[1, 2, 4] = Field(4, description="fuse and smooth the maps at 1/N of the input size")
@@ -72,6 +75,7 @@ class TrainConfig(BaseModel):
             simam=self.simam,
             sspcab=self.sspcab,
             sspcab_after_block=self.sspcab_after_block,
+            student_expand=self.student_expand,
             blur_sigma=self.blur_sigma,
             fuse_stride=self.fuse_stride,
             score=self.score,

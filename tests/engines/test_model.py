@@ -23,3 +23,38 @@ def test_cosine_distance_matches_the_normalised_form():
     torch.testing.assert_close(cosine_distance(t, s), reference, rtol=1e-5, atol=1e-6)
     assert torch.allclose(cosine_distance(t, 3 * t), torch.zeros(2, 8, 8), atol=1e-6)
     assert torch.allclose(cosine_distance(t, -t), torch.full((2, 8, 8), 2.0), atol=1e-6)
+
+
+def test_student_expand_narrows_only_the_student():
+    """``student_expand`` shrinks the student's inverted bottlenecks; the teacher and the tapped
+    feature shapes stay as they are, so the map is computed the same way."""
+    from engines.model import KDModel, NetConfig
+    from engines.teacher import EfficientNetLite0, Teacher
+
+    teacher = Teacher(EfficientNetLite0(num_blocks=11, with_head=False)).eval()
+    narrow = KDModel(teacher, NetConfig(image_size=64, student_expand=4)).eval()
+    assert narrow.student.blocks[0]._depthwise_conv.out_channels == 32  # block 0 has no expansion
+    assert narrow.student.blocks[1]._expand_conv.out_channels == 16 * 4
+    assert narrow.student.blocks[10]._expand_conv.out_channels == 112 * 4
+    assert teacher.backbone._blocks[10]._expand_conv.out_channels == 112 * 6
+    x = torch.rand(2, 3, 64, 64) * 255
+    t_feats, s_feats, _ = narrow.features(x)
+    assert [f.shape for f in s_feats] == [f.shape for f in t_feats]
+    amap, score = narrow(x)
+    assert amap.shape == (2, 64, 64) and score.shape == (2,)
+    full = KDModel(teacher, NetConfig(image_size=64, student_expand=6)).eval()
+    n_narrow = sum(p.numel() for p in narrow.student.parameters())
+    n_full = sum(p.numel() for p in full.student.parameters())
+    assert n_narrow < 0.75 * n_full
+
+
+def test_student_expand_is_the_teacher_shape_for_older_bundles():
+    from engines.model import NetConfig
+
+    d = NetConfig().to_json()
+    assert d["student_expand"] == 3
+    del d["student_expand"]  # a model.json written before the setting existed
+    assert NetConfig.from_json(d).student_expand == 6
+    for bad in (0, 7):
+        with pytest.raises(ValueError, match="student_expand"):
+            NetConfig(student_expand=bad).validate()

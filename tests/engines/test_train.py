@@ -113,3 +113,19 @@ def test_train_config_rejects_unknown_keys_and_bad_values(tmp_path: Path):
     with pytest.raises(ValueError, match="multiple of 16"):
         cfg.net_config()
     assert load_train_config(None, epochs=4).epochs == 4
+
+
+def test_bundles_from_before_student_expand_still_load(tmp_path: Path, synthetic_root: Path):
+    """A model.json without ``student_expand`` was written when the student had the teacher's
+    shape: it must rebuild that shape (a narrower default would not load its student.pt)."""
+    cfg = TrainConfig(image_size=64, epochs=1, max_train_images=4, num_threads=1, device="cpu", student_expand=6)
+    train(synthetic_root, tmp_path / "old", cfg, quiet=True)
+    meta_path = tmp_path / "old" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["net"].pop("student_expand") == 6
+    meta_path.write_text(json.dumps(meta))
+    model = load_bundle_model(tmp_path / "old")
+    assert model.student.blocks[1]._expand_conv.out_channels == 16 * 6
+    assert TrainConfig().student_expand == 3  # new bundles get the narrow student
+    with pytest.raises(ValueError, match="student_expand"):
+        TrainConfig(student_expand=7)
