@@ -54,12 +54,16 @@ def ensure_bundle(path: Path | None, size: int) -> Path:
 
             export_bundle(path)
         return path
-    work = HERE.parent / "runs" / f"latency-bundle-{size}"
-    if (work / "model.json").is_file() and json.loads((work / "model.json").read_text()).get("onnx"):
-        return work
     from engines.export import export_bundle
     from engines.synthetic import make_dataset
     from engines.train import TrainConfig, train
+
+    work = HERE.parent / "runs" / f"latency-bundle-{size}"
+    if (work / "model.json").is_file():
+        cached = json.loads((work / "model.json").read_text())
+        # reuse it only while it still is the default network (a changed default retrains it)
+        if cached.get("onnx") and cached.get("net") == TrainConfig(image_size=size).net_config().to_json():
+            return work
 
     data = make_dataset(
         HERE.parent / "runs" / "latency-data", n_train=16, n_test_good=2, n_test_per_defect=1, size=size
