@@ -51,7 +51,7 @@ def test_student_expand_narrows_only_the_student():
 def test_student_expand_is_the_teacher_shape_for_older_bundles():
     from engines.model import NetConfig
 
-    d = NetConfig().to_json()
+    d = NetConfig(student_expand=3).to_json()
     assert d["student_expand"] == 3
     del d["student_expand"]  # a model.json written before the setting existed
     assert NetConfig.from_json(d).student_expand == 6

@@ -126,6 +126,6 @@ def test_bundles_from_before_student_expand_still_load(tmp_path: Path, synthetic
     meta_path.write_text(json.dumps(meta))
     model = load_bundle_model(tmp_path / "old")
     assert model.student.blocks[1]._expand_conv.out_channels == 16 * 6
-    assert TrainConfig().student_expand == 3  # new bundles get the narrow student
+    assert TrainConfig().student_expand == 6
     with pytest.raises(ValueError, match="student_expand"):
         TrainConfig(student_expand=7)
