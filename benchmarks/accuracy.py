@@ -99,8 +99,7 @@ def main() -> int:
                 "machine": machine,
                 "per_defect": res["rows"][:-1],
             }
-            same = (ds, variant, list(cfg.taps), cfg.student_expand, cfg.seed)
-            rows = [r for r in rows if _key(r) != same]
+            rows = [r for r in rows if _key(r) != _key(row)]
             rows.append(row)
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(rows, indent=2) + "\n")

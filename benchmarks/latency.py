@@ -54,8 +54,6 @@ def ensure_bundle(path: Path | None, size: int) -> Path:
 
             export_bundle(path)
         return path
-    from engines.export import export_bundle
-    from engines.synthetic import make_dataset
     from engines.train import TrainConfig, train
 
     work = HERE.parent / "runs" / f"latency-bundle-{size}"
@@ -64,6 +62,8 @@ def ensure_bundle(path: Path | None, size: int) -> Path:
         # reuse it only while it still is the default network (a changed default retrains it)
         if cached.get("onnx") and cached.get("net") == TrainConfig(image_size=size).net_config().to_json():
             return work
+    from engines.export import export_bundle
+    from engines.synthetic import make_dataset
 
     data = make_dataset(
         HERE.parent / "runs" / "latency-data", n_train=16, n_test_good=2, n_test_per_defect=1, size=size
