@@ -7,7 +7,18 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 EXTRAS := train,ort,openvino,int8,basler,dev
 DEMO   := demo_out
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo clean broker
+
+# The service tests and the demo talk to a real mosquitto broker (and make TLS certificates with
+# openssl): installed from Debian's packages when missing and we may, else one clear line.
+broker:
+	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } && \
+	  { command -v mosquitto_passwd >/dev/null 2>&1 || test -x /usr/bin/mosquitto_passwd; } && \
+	  command -v openssl >/dev/null 2>&1 || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		  (export DEBIAN_FRONTEND=noninteractive; apt-get update -q && \
+		   apt-get install -y -q --no-install-recommends mosquitto openssl); } || \
+		{ echo "install the mosquitto MQTT broker and openssl first (e.g. sudo apt-get install mosquitto openssl)"; exit 1; }
 
 venv: $(STAMP)
 
@@ -23,14 +34,10 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint broker
 	$(PY) -m pytest -q
 
-demo: venv
-	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
-		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-		  (apt-get update -q && apt-get install -y -q --no-install-recommends mosquitto); } || \
-		{ echo "install the mosquitto MQTT broker first (e.g. sudo apt-get install mosquitto)"; exit 1; }
+demo: venv broker
 	$(VENV)/bin/lineinspect demo --out $(DEMO)
 
 clean:

@@ -64,10 +64,11 @@ class Terminal:
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
 
-    def ask(self, prompt: str, default: str | None = None) -> str:
+    def ask(self, prompt: str, default: str | None = None, flag: str | None = None) -> str:
         if not self.interactive:
             if default is None:
-                msg = f"'{prompt}' needs an answer: pass it as a flag (see lineinspect calibrate --help)"
+                how = f"pass {flag}" if flag else "pass it as a flag"
+                msg = f"'{prompt}' needs an answer: {how} (see lineinspect calibrate --help)"
                 raise WizardError(msg)
             return default
         suffix = f" [{default}]" if default is not None else ""
@@ -200,7 +201,7 @@ def run_wizard(args, out: TextIO | None = None, inp: TextIO | None = None) -> in
             raise WizardError(str(exc)) from exc
         bundle = bundle or str(station_cfg.model.bundle)
     if not bundle:
-        bundle = term.ask("model bundle folder")
+        bundle = term.ask("model bundle folder", flag="--bundle BUNDLE (or --config STATION.yaml)")
     meta = read_meta(Path(bundle))
     if not meta.get("onnx"):
         msg = f"{bundle} has no exported model.onnx: run 'lineinspect export --bundle {bundle}' first"

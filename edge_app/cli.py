@@ -73,6 +73,11 @@ def _add_service(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="station YAML (see deploy/config.example.yaml)")
     p = sub.add_parser("check-config", help="validate a station YAML; exit 0 when valid, 1 otherwise")
     p.add_argument("file", help="station YAML")
+    p.add_argument(
+        "--schema-only",
+        action="store_true",
+        help="check the YAML against the schema only (skip files, bundle and calibration)",
+    )
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:

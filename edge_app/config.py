@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -111,26 +111,64 @@ CameraConfig = Annotated[FolderCamera | OpenCVCamera | PylonCamera, Field(discri
 # --------------------------------------------------------------------------------------------
 # model, decision, mqtt, storage, metrics, logging
 # --------------------------------------------------------------------------------------------
-class ModelConfig(Strict):
+class ModelBase(Strict):
     bundle: Path = Field(..., description="model bundle folder (model.json, model.onnx)")
-    backend: Literal["onnxruntime", "openvino", "tensorrt", "torch"] = Field(
-        "onnxruntime", description="runtime backend"
-    )
-    device: str | None = Field(None, description="backend device (cpu / cuda / CPU; None: the backend's default)")
-    threads: int | None = Field(None, ge=1, description="CPU threads for the runtime (None: all cores)")
-    precision: str | None = Field(None, description="openvino f32|bf16|int8, tensorrt fp32|fp16|int8 (None: default)")
     warmup_runs: int = Field(3, ge=0, description="inferences run before READY=1")
 
     def runtime_options(self) -> dict[str, Any]:
-        """Keyword options for ``engines.runtime.load_runtime`` (the service and the wizard share them)."""
-        opts: dict[str, Any] = {}
-        if self.threads:
-            opts["threads"] = self.threads
-        if self.device:
-            opts["device"] = self.device
-        if self.precision:
-            opts["precision"] = self.precision
-        return opts
+        """Keyword options for ``engines.runtime.load_runtime``: exactly those this backend takes
+        (the service and the wizard share them)."""
+        skip = {"bundle", "warmup_runs", "backend"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+
+
+class OnnxRuntimeModel(ModelBase):
+    backend: Literal["onnxruntime"] = Field("onnxruntime", description="onnxruntime: CPU (or CUDA) ONNX Runtime")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="onnxruntime: execution provider")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the runtime (None: all cores)")
+
+
+class OpenVinoModel(ModelBase):
+    backend: Literal["openvino"] = Field(..., description="openvino: Intel/AMD CPUs and Intel GPUs")
+    device: str = Field("CPU", min_length=1, description="openvino: device name (CPU, GPU, ...)")
+    precision: Literal["f32", "bf16", "int8"] = Field(
+        "f32", description="openvino: f32, bf16 (faster on CPUs that have it), int8 (after lineinspect quantize)"
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads for the runtime (None: all cores)")
+
+
+class TensorRtModel(ModelBase):
+    backend: Literal["tensorrt"] = Field(
+        ..., description="tensorrt: NVIDIA GPUs and Jetson (engine built on the target)"
+    )
+    device: int = Field(0, ge=0, description="tensorrt: CUDA device index")
+    precision: Literal["fp32", "fp16", "int8"] = Field("fp16", description="tensorrt: engine precision")
+
+
+class TorchModel(ModelBase):
+    backend: Literal["torch"] = Field(..., description="torch: the training stack (needs the train extra)")
+    device: str = Field("cpu", description="torch: cpu, cuda or cuda:N")
+    fp16: bool | None = Field(None, description="torch: run the networks in fp16 (None: on CUDA only)")
+    cuda_graph: bool | None = Field(None, description="torch: capture a CUDA graph (None: on CUDA only)")
+
+
+def _backend_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("backend", "onnxruntime")  # onnxruntime when the key is left out
+    return getattr(value, "backend", None)
+
+
+ModelConfig = Annotated[
+    Annotated[OnnxRuntimeModel, Tag("onnxruntime")]
+    | Annotated[OpenVinoModel, Tag("openvino")]
+    | Annotated[TensorRtModel, Tag("tensorrt")]
+    | Annotated[TorchModel, Tag("torch")],
+    Discriminator(
+        _backend_tag,
+        custom_error_type="backend",
+        custom_error_message="model.backend must be one of: onnxruntime, openvino, tensorrt, torch",
+    ),
+]
 
 
 class CalibrationRef(Strict):
@@ -200,6 +238,22 @@ class MetricsConfig(Strict):
     port: int = Field(9108, ge=0, le=65535, description="port of the metrics endpoint (0: any free port)")
 
 
+class HealthConfig(Strict):
+    stall_s: float = Field(
+        30.0, gt=0, description="connected to the broker, verdicts waiting, no ack for this long: degraded"
+    )
+    restart_after_s: float = Field(
+        60.0, gt=0, description="delivery stuck this long: the watchdog stops so that systemd restarts the service"
+    )
+    store_restart_after_s: float | None = Field(
+        600.0,
+        gt=0,
+        description="decision log unwritable this long (and no verdict held only in memory): restart "
+        "(None: stay degraded, never restart for it)",
+    )
+    heartbeat_max_age_s: float = Field(10.0, gt=0, description="a service thread not turning for this long is stuck")
+
+
 class LoggingConfig(Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
@@ -213,6 +267,7 @@ class ServiceConfig(Strict):
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="broker connection and topics")
     storage: StorageConfig = Field(..., description="decision log and image archive")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
+    health: HealthConfig = Field(default_factory=HealthConfig, description="when the service is degraded or restarted")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="logging")
 
     @field_validator("cameras")
@@ -274,6 +329,27 @@ def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
     return None
 
 
+def _yaml_loc(lines: dict[tuple, int], loc: tuple) -> tuple:
+    """The location as the YAML spells it: union tags that pydantic inserts (``model.onnxruntime``) dropped."""
+    out: list = []
+    for part in loc:
+        if (*out, part) in lines or isinstance(part, int) or part not in _UNION_TAGS:
+            out.append(part)
+    return tuple(out)
+
+
+_BACKENDS = {"onnxruntime": OnnxRuntimeModel, "openvino": OpenVinoModel, "tensorrt": TensorRtModel, "torch": TorchModel}
+_UNION_TAGS = {*_BACKENDS, "folder", "opencv", "pylon"}
+
+
+def _explain(err: dict, loc: tuple) -> str:
+    """pydantic's message, with the valid choices where it leaves them out."""
+    if err["type"] == "extra_forbidden" and len(loc) == 3 and loc[0] == "model" and loc[1] in _BACKENDS:
+        options = ", ".join(sorted(set(_BACKENDS[loc[1]].model_fields) - {"backend"}))
+        return f"backend {loc[1]} has no option {loc[2]!r}; its options: {options}"
+    return err["msg"]
+
+
 def load_config(path: Path) -> ServiceConfig:
     path = Path(path)
     try:
@@ -298,11 +374,11 @@ def load_config(path: Path) -> ServiceConfig:
         problems = []
         for err in exc.errors():
             loc = tuple(err["loc"])
-            shown = ".".join(str(p) for p in loc)
+            shown = ".".join(str(p) for p in _yaml_loc(lines, loc))
             value = err.get("input", _MISSING) if err["type"] != "missing" else _MISSING
             if isinstance(value, dict):
                 value = _MISSING
-            problems.append((shown, _line_for(lines, loc), err["msg"], value))
+            problems.append((shown, _line_for(lines, loc), _explain(err, loc), value))
         raise ConfigError(path, problems) from exc
 
 
@@ -333,6 +409,15 @@ def main_check_config(args) -> int:
 
     try:
         cfg = load_config(Path(args.file))
+        if not getattr(args, "schema_only", False):
+            from edge_app.checks import deep_check
+
+            problems = deep_check(cfg)
+            if problems:
+                lines = _node_lines(yaml.compose(Path(args.file).read_text()))
+                raise ConfigError(
+                    Path(args.file), [(".".join(map(str, loc)), _line_for(lines, loc), m, v) for loc, m, v in problems]
+                )
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 1

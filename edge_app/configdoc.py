@@ -49,11 +49,13 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[str]:
             default = f"`{field.default!r}`" if field.default is not None else "`null`"
         if name == "type" and prefix.startswith("cameras[]"):
             default = "**required**"
+        if name == "backend" and prefix.startswith("model (") and field.default is None:
+            default = "**required**"
         out.append(f"| `{path}` | {_type_name(field.annotation)} | {default} | {field.description or ''} |")
         for sub in _models(field.annotation):
             sub_prefix = f"{path}[]." if typing.get_origin(field.annotation) is list else f"{path}."
-            if sub.__name__ in ("FolderCamera", "OpenCVCamera", "PylonCamera"):
-                sub_prefix = f"{path}[] ({sub.__name__}) ."
+            if len(_models(field.annotation)) > 1:  # a tagged union: say which member the keys belong to
+                sub_prefix = f"{path}[] ({sub.__name__}) ." if sub_prefix.endswith("[].") else f"{path} ({sub.__name__}) ."
             out.extend(rows(sub, sub_prefix))
     return out
 

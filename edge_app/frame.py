@@ -18,14 +18,16 @@ class Frame:
     part_id: str
     t_grab: float  # time.time() of the capture
     image: np.ndarray | None = None  # uint8, (H, W) mono or (H, W, 3) BGR
-    error: str | None = None  # not_inspected reason: grab_failed, skipped_buffer
+    error: str | None = None  # not_inspected reason: grab_failed, skipped_buffer, incomplete_image, ...
     detail: str = ""
     block_id: int | None = None
     t_mono: float = field(default_factory=time.monotonic)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Verdict:
+    """Made only by ``edge_app.decide.decide``; never changed after (``dataclasses.replace`` makes copies)."""
+
     station: str
     camera_id: str
     seq: int

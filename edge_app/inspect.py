@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from calibration.calibfile import Calibration
+from edge_app.decide import Inspected, NotInspected, Outcome, decide
 from edge_app.frame import Frame, Verdict
 from engines.data import preprocess
 
@@ -46,7 +47,11 @@ def find_regions(amap: np.ndarray, pixel_threshold: float, min_area_px: int, sca
 
 
 class Inspector:
-    """Holds the runtime and the current calibration (swappable at run time: SIGHUP / MQTT)."""
+    """Holds the runtime and the current calibration (swappable at run time: SIGHUP / MQTT).
+
+    ``inspect`` says what a frame shows (``Inspected``) or why it could not be looked at
+    (``NotInspected``); ``edge_app.decide.decide`` turns that into the verdict.
+    """
 
     def __init__(self, runtime, calibration: Calibration, station: str):
         self.runtime = runtime
@@ -68,29 +73,23 @@ class Inspector:
         with self._lock:
             self._cal = cal
 
-    def not_inspected(self, frame: Frame, reason: str, detail: str = "") -> Verdict:
-        cal = self.calibration
-        return Verdict(
-            station=self.station,
-            camera_id=frame.camera_id,
-            seq=frame.seq,
-            part_id=frame.part_id,
-            verdict="not_inspected",
-            reason=reason,
-            t_grab=frame.t_grab,
-            t_decided=time.time(),
-            threshold=cal.image_threshold,
-            model_sha=self.model_sha,
-            calibration_id=cal.id,
-            detail=detail or frame.detail,
-            image=frame.image,
+    def decide(self, frame: Frame, outcome: Outcome, deadline_ms: float | None = None) -> Verdict:
+        return decide(
+            frame, outcome, self.calibration, self.station, self.model_sha, time.time(), deadline_ms, time.monotonic()
         )
 
-    def inspect(self, frame: Frame, t_dequeued: float) -> Verdict:
-        """One frame -> one verdict. Runtime errors become not_inspected (reason runtime_error)."""
+    def inspect(self, frame: Frame, t_dequeued: float, cal: Calibration | None = None) -> Outcome:
+        """One frame -> what it shows. Runtime errors become NotInspected (reason runtime_error)."""
         if frame.error:
-            return self.not_inspected(frame, frame.error)
-        cal = self.calibration
+            return NotInspected(frame.error, frame.detail)
+        if frame.image is None or frame.image.dtype != np.uint8:
+            kind = "no image" if frame.image is None else f"a {frame.image.dtype} image"
+            return NotInspected(
+                "unsupported_image",
+                f"{kind}: the model takes 8-bit images (set the camera's pixel format to Mono8 / BGR8, "
+                "or convert the files to 8 bit)",
+            )
+        cal = cal or self.calibration
         t0 = time.perf_counter()
         try:
             img = preprocess(frame.image, self.size)
@@ -99,40 +98,16 @@ class Inspector:
             t2 = time.perf_counter()
         except Exception as exc:  # any runtime failure still yields this frame's verdict
             log.exception("[%s] inspection failed for part %s", frame.camera_id, frame.part_id)
-            return self.not_inspected(frame, "runtime_error", f"{type(exc).__name__}: {exc}")
+            return NotInspected("runtime_error", f"{type(exc).__name__}: {exc}")
         amap = out["anomaly_map"][0]
         score = float(out["score"][0])
         h, w = frame.image.shape[:2]
         regions = find_regions(amap, cal.pixel_threshold, cal.min_defect_area_px, (w / self.size, h / self.size))
         t3 = time.perf_counter()
-        if score >= cal.image_threshold:
-            verdict, reason = "ng", "score"
-        elif regions:
-            verdict, reason = "ng", "region"
-        else:
-            verdict, reason = "ok", None
         latency = {
             "queue": round((t_dequeued - frame.t_mono) * 1000, 3),
             "preprocess": round((t1 - t0) * 1000, 3),
             "inference": round((t2 - t1) * 1000, 3),
             "decide": round((t3 - t2) * 1000, 3),
         }
-        return Verdict(
-            station=self.station,
-            camera_id=frame.camera_id,
-            seq=frame.seq,
-            part_id=frame.part_id,
-            verdict=verdict,
-            reason=reason,
-            t_grab=frame.t_grab,
-            t_decided=time.time(),
-            score=round(score, 5),
-            threshold=cal.image_threshold,
-            regions=regions[:20],
-            latency_ms=latency,
-            model_sha=self.model_sha,
-            calibration_id=cal.id,
-            detail=frame.detail,
-            image=frame.image,
-            amap=amap,
-        )
+        return Inspected(score=score, amap=amap, regions=regions, latency_ms=latency)

@@ -1,10 +1,14 @@
-"""The line service: capture -> bounded queue -> inspect/decide -> decision log -> MQTT.
+"""The line service: capture -> durable trigger -> bounded queue -> inspect -> decide -> outbox -> MQTT.
 
-Threads share one stop event. Every trigger yields exactly one verdict: grab failures, skipped
-buffers, queue overruns, runtime errors, pauses and deadline misses become ``not_inspected`` with
-a reason. SIGTERM drains in-flight frames (their verdicts are stored and published), SIGHUP
-reloads the calibration. sd_notify READY after warm-up, WATCHDOG only while the threads make
-progress.
+Threads share one stop event. Every trigger yields exactly one verdict, made by
+``edge_app.decide.decide``: grab failures, incomplete images, skipped buffers, queue overruns,
+runtime errors, pauses and deadline misses become ``not_inspected`` with a reason. A grabbed
+trigger is recorded in the decision log before it is queued; after a crash, each trigger without
+a verdict gets ``not_inspected`` / ``service_restart`` at the next start, and its sequence number
+is never reused. SIGTERM drains in-flight frames (their verdicts are stored and published),
+SIGHUP reloads the calibration. sd_notify READY after warm-up; WATCHDOG only while
+``edge_app.health.assess`` finds no reason to restart (threads alive and turning, delivery
+progressing while the broker is up).
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from typing import Any
 from calibration.calibfile import CalibrationError, load_calibration
 from edge_app.capture import Camera, CameraError, make_camera
 from edge_app.config import ConfigError, ServiceConfig, load_config
+from edge_app.decide import NotInspected
 from edge_app.frame import Frame, Verdict
+from edge_app.health import Health, HealthLimits, Observation, assess
 from edge_app.inspect import Inspector
 from edge_app.metrics import Metrics, MetricsServer
+from edge_app.outbox import Outbox
 from edge_app.publish import Publisher
 from edge_app.sdnotify import Notifier
-from edge_app.store import Archive, DecisionLog, StoreError
+from edge_app.store import Archive, DecisionLog, StoreError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +59,43 @@ def _describe_metrics(m: Metrics) -> None:
     m.describe("camera_connected", "gauge", "1 while the camera is open")
     m.describe("mqtt_connected", "gauge", "1 while connected to the broker")
     m.describe("mqtt_connect_failures_total", "counter", "refused broker connections")
-    m.describe("store_errors_total", "counter", "decision log write failures (verdicts kept in memory)")
+    m.describe(
+        "store_errors_total", "counter", "decision log write failures (verdicts kept in memory, still published)"
+    )
+    m.describe("store_rejected_total", "counter", "verdicts that can never be logged (duplicate key), set aside")
+    m.describe("store_unstored", "gauge", "verdicts waiting in memory for a writable decision log")
+    m.describe("triggers_unrecorded_total", "counter", "triggers that could not be made durable before inspection")
     m.describe("archive_dropped_total", "counter", "images not archived (queue full or disk error)")
+    m.describe("thread_errors_total", "counter", "unexpected exceptions caught in a service thread")
+    m.describe("health_degraded", "gauge", "1 while the service is degraded (see health_reason)")
+    m.describe("health_reason", "gauge", "1 for each current reason the service is degraded")
+    m.describe("watchdog_withheld", "gauge", "1 while WATCHDOG=1 is withheld so that systemd restarts the service")
+    # every counter exists from the start, at 0: a scrape never has to guess "absent = 0"
+    for name in (
+        "verdicts_published_total",
+        "verdicts_delivered_total",
+        "store_errors_total",
+        "store_rejected_total",
+        "triggers_unrecorded_total",
+        "archive_dropped_total",
+        "mqtt_connect_failures_total",
+    ):
+        m.inc(name, 0)
+    for verdict in ("ok", "ng", "not_inspected"):
+        m.inc("verdicts_total", 0, verdict=verdict)
+    for name, value in (("health_degraded", 0), ("watchdog_withheld", 0), ("mqtt_connected", 0), ("store_unstored", 0)):
+        m.set(name, value)
+
+
+def _without_id(cam_id: str, exc: Exception) -> str:
+    """Camera errors already start with "[id] ": don't print it twice."""
+    text = str(exc)
+    prefix = f"[{cam_id}] "
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def _with_id(cam_id: str, exc: Exception) -> str:
+    return f"[{cam_id}] {_without_id(cam_id, exc)}"
 
 
 class CameraWorker:
@@ -61,7 +103,9 @@ class CameraWorker:
         self.svc = svc
         self.cam = cam
         self.cfg = cam.cfg
-        self.thread = threading.Thread(target=self._run, name=f"capture-{cam.id}", daemon=True)
+        self.thread = threading.Thread(
+            target=svc.guarded(f"capture-{cam.id}", self._run), name=f"capture-{cam.id}", daemon=True
+        )
         self.heartbeat = time.monotonic()
         self.connected = False
         self.part_ids: collections.deque[str] = collections.deque()
@@ -104,7 +148,7 @@ class CameraWorker:
                     m.set("camera_connected", 1, camera=self.cam.id)
                     self.svc.camera_state(self.cam.id, "connected")
                 except CameraError as exc:
-                    log.error("[%s] %s; retrying in %.1f s", self.cam.id, exc, backoff)
+                    log.error("%s; retrying in %.1f s", _with_id(self.cam.id, exc), backoff)
                     self.svc.camera_state(self.cam.id, f"reconnecting: {exc}")
                     m.inc("camera_reconnects_total", camera=self.cam.id)
                     stop.wait(backoff)
@@ -118,7 +162,7 @@ class CameraWorker:
             try:
                 frames = self.cam.grab(self.cfg.grab_timeout_ms / 1000)
             except CameraError as exc:
-                log.error("[%s] camera lost: %s", self.cam.id, exc)
+                log.error("[%s] camera lost: %s", self.cam.id, _without_id(self.cam.id, exc))
                 self.connected = False
                 m.set("camera_connected", 0, camera=self.cam.id)
                 self.svc.camera_state(self.cam.id, f"lost: {exc}")
@@ -136,6 +180,8 @@ class CameraWorker:
 
 
 class Service:
+    """Composition root: opens each part in order, and closes what it opened when a later part fails."""
+
     def __init__(self, cfg: ServiceConfig, config_path: Path | None = None):
         self.cfg = cfg
         self.config_path = config_path
@@ -148,13 +194,25 @@ class Service:
         self.started_at = time.time()
         self.queue: queue.Queue[Frame] = queue.Queue(maxsize=cfg.decision.queue_size)
         self.room = threading.Event()  # set when the inspector takes a frame off the queue
-        self.unstored: collections.deque[Verdict] = collections.deque()
         self.counts = collections.Counter()
         self.cam_states: dict[str, str] = {}
         self.finished: set[str] = set()
         self.worker_heartbeat = time.monotonic()
+        self.dead_threads: dict[str, str] = {}
+        self.health = Health("ok")
+        h = cfg.health
+        self.limits = HealthLimits(h.heartbeat_max_age_s, h.stall_s, h.restart_after_s, h.store_restart_after_s)
         self._sink_lock = threading.Lock()
+        self._opened: list[Any] = []  # closed in reverse order by shutdown() or a failed start
+        try:
+            self._open_parts()
+        except BaseException:
+            self._close_opened()
+            raise
+        self.ok_counter = 0
 
+    def _open_parts(self) -> None:
+        cfg = self.cfg
         from engines.bundle import BundleError
         from engines.runtime import ModelFileError, SDKMissingError, load_runtime
 
@@ -162,6 +220,7 @@ class Service:
             self.runtime = load_runtime(cfg.model.backend, cfg.model.bundle, **cfg.model.runtime_options())
         except (BundleError, ModelFileError, SDKMissingError, ValueError) as exc:
             raise StartupError(f"model: {exc}") from exc
+        self._opened.append(self.runtime)
         try:
             cal = load_calibration(cfg.calibration.file, self.runtime.model_sha256)
         except CalibrationError as exc:
@@ -183,22 +242,33 @@ class Service:
             self.db = DecisionLog(cfg.storage.database)
         except StoreError as exc:
             raise StartupError(f"storage: {exc}") from exc
+        self._opened.append(self.db)
+        self.outbox = Outbox(self.db, self.metrics)
         self.archive = Archive(cfg.storage.archive_dir, cfg.storage.quota_mb)
+        self._opened.append(self.archive)
         try:
-            self.publisher = Publisher(cfg.mqtt, cfg.station, self.db, self.command, self.metrics, self.started_at)
+            self.publisher = Publisher(cfg.mqtt, cfg.station, self.outbox, self.command, self.metrics, self.started_at)
         except ValueError as exc:
             raise StartupError(f"mqtt: {exc}") from exc
+        self._opened.append(self.publisher)
         self.cameras = []
         for cam_cfg in cfg.cameras:
             try:
                 cam = make_camera(cam_cfg)
             except CameraError as exc:
                 raise StartupError(f"camera {cam_cfg.id}: {exc}") from exc
-            cam.seq = self.db.last_seq(cam.id)  # keys stay unique across restarts
+            self.metrics.set("camera_connected", 0, camera=cam.id)
+            self.metrics.inc("camera_reconnects_total", 0, camera=cam.id)
+            self.metrics.inc("frames_total", 0, camera=cam.id)
             self.cameras.append(CameraWorker(self, cam))
-        self.worker = threading.Thread(target=self._inspect_loop, name="inspect", daemon=True)
+        self.recovered = self._recover_triggers()
+        for c in self.cameras:
+            c.cam.seq = self.db.last_seq(c.cam.id)  # keys stay unique across restarts and crashes
+        self.worker = threading.Thread(target=self.guarded("inspect", self._inspect_loop), name="inspect", daemon=True)
         self._housekeeping_stop = threading.Event()
-        self.housekeeping = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
+        self.housekeeping = threading.Thread(
+            target=self.guarded("housekeeping", self._housekeeping_loop), name="housekeeping", daemon=True
+        )
         self.metrics_server = None
         if cfg.metrics.enabled:
             try:
@@ -207,11 +277,57 @@ class Service:
                 raise StartupError(
                     f"metrics: cannot listen on {cfg.metrics.bind_address}:{cfg.metrics.port}: {exc}"
                 ) from exc
-        self.ok_counter = 0
+            self._opened.append(self.metrics_server)
+
+    def _close_opened(self) -> None:
+        for part in reversed(self._opened):
+            with contextlib.suppress(Exception):
+                if isinstance(part, (Publisher, Archive, MetricsServer)):
+                    part.stop()
+                else:
+                    part.close()
+        self._opened.clear()
+
+    def _recover_triggers(self) -> int:
+        """Triggers grabbed before a crash that never got a verdict: not_inspected (service_restart), in order."""
+        try:
+            pending = self.db.pending_triggers()
+        except StoreError as exc:
+            raise StartupError(f"storage: {exc}") from exc
+        for t in pending:
+            frame = Frame(t.camera_id, t.seq, t.part_id, t.t_grab, detail=t.detail)
+            detail = (
+                f"grabbed at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t.t_grab))} but the service stopped "
+                "before deciding (crash or kill); the part was not inspected"
+            )
+            self.sink(self.inspector.decide(frame, NotInspected("service_restart", detail)))
+        if pending:
+            log.warning("%d trigger(s) from before the restart had no verdict: sent as not_inspected", len(pending))
+        return len(pending)
+
+    def guarded(self, name: str, fn):
+        """A thread body that never dies silently: an exception is logged, counted and makes the
+        service degraded with a restart (the watchdog stops)."""
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                self.dead_threads[name] = f"{type(exc).__name__}: {exc}"
+                self.metrics.inc("thread_errors_total", thread=name)
+                log.exception("thread %s died; the service is degraded and will be restarted", name)
+
+        return run
 
     # --- frames and verdicts --------------------------------------------------------------
     def submit(self, f: Frame, wait: bool = False) -> None:
         self.metrics.inc("frames_total", camera=f.camera_id)
+        try:
+            self.db.record_trigger(f.camera_id, f.seq, f.part_id, f.t_grab, f.detail)
+        except StoreError as exc:
+            self.metrics.inc("triggers_unrecorded_total")
+            if isinstance(exc, StoreUnavailableError):
+                self.outbox.report_failure(exc)
         try:
             if wait:
                 while True:
@@ -224,7 +340,8 @@ class Service:
             else:
                 self.queue.put_nowait(f)
         except queue.Full:
-            self.sink(self.inspector.not_inspected(f, "queue_overrun", f"queue of {self.queue.maxsize} frames full"))
+            detail = f"queue of {self.queue.maxsize} frames full"
+            self.sink(self.inspector.decide(f, NotInspected("queue_overrun", detail)))
         self.metrics.set("queue_depth", self.queue.qsize())
 
     def _inspect_loop(self) -> None:
@@ -241,23 +358,15 @@ class Service:
             self.room.set()
             self.metrics.set("queue_depth", self.queue.qsize())
             if self.paused.is_set():
-                v = self.inspector.not_inspected(f, "paused", "inspection paused by command")
+                outcome = NotInspected("paused", "inspection paused by command")
             elif deadline and (t_deq - f.t_mono) * 1000 > deadline:
-                v = self.inspector.not_inspected(f, "late", f"waited {(t_deq - f.t_mono) * 1000:.0f} ms in the queue")
+                outcome = NotInspected("late", f"waited {(t_deq - f.t_mono) * 1000:.0f} ms in the queue")
             else:
-                v = self.inspector.inspect(f, t_deq)
-                total = (time.monotonic() - f.t_mono) * 1000
-                if deadline and total > deadline and v.verdict != "not_inspected":
-                    detail = f"decided {v.verdict} (score {v.score}) after {total:.0f} ms > deadline {deadline:.0f} ms"
-                    late = self.inspector.not_inspected(f, "late", detail)
-                    late.score, late.latency_ms = v.score, v.latency_ms
-                    v = late
-            self.sink(v)
+                outcome = self.inspector.inspect(f, t_deq)
+            self.sink(self.inspector.decide(f, outcome, deadline))
 
     def sink(self, v: Verdict) -> None:
         """Count, log to the outbox (before publishing), archive, wake the publisher."""
-        total_ms = (v.t_decided - v.t_grab) * 1000
-        v.latency_ms.setdefault("total", round(total_ms, 3))
         m = self.metrics
         m.inc("verdicts_total", verdict=v.verdict)
         if v.verdict == "not_inspected":
@@ -265,23 +374,15 @@ class Service:
         for stage, ms in v.latency_ms.items():
             if stage != "total":
                 m.observe("stage_latency_ms", ms, stage=stage)
-        m.observe("total_latency_ms", total_ms)
+        m.observe("total_latency_ms", v.latency_ms["total"])
         with self._sink_lock:
             self.counts[v.verdict] += 1
-            try:
-                self._flush_unstored()
-                self.db.insert(v)
-            except StoreError as exc:
-                m.inc("store_errors_total")
-                log.error("decision log write failed, verdict %s kept in memory: %s", v.key, exc)
-                self.unstored.append(v)
+            # the log keeps no pixels: the image and map go to the archive only
+            self.outbox.add(dataclasses.replace(v, image=None, amap=None))
+        m.set("store_unstored", self.outbox.waiting())
         self._archive(v)
-        self.publisher.notify()
-
-    def _flush_unstored(self) -> None:
-        while self.unstored:
-            self.db.insert(self.unstored[0])
-            self.unstored.popleft()
+        if hasattr(self, "publisher"):
+            self.publisher.notify()
 
     def _archive(self, v: Verdict) -> None:
         keep = self.cfg.storage.keep
@@ -289,9 +390,8 @@ class Service:
         if v.verdict == "ok" and keep.ok_every:
             self.ok_counter += 1
             want = self.ok_counter % keep.ok_every == 0
-        if want and v.image is not None and not self.archive.submit(dataclasses.replace(v)):
+        if want and v.image is not None and not self.archive.submit(v):
             self.metrics.inc("archive_dropped_total")
-        v.image = v.amap = None  # the verdict lives on in the log; the pixels only in the archive
 
     # --- commands, calibration ---------------------------------------------------------------
     def camera_state(self, cam_id: str, state: str) -> None:
@@ -361,9 +461,12 @@ class Service:
         return {
             "verdicts": dict(self.counts),
             "queue_depth": self.queue.qsize(),
-            "outbox_backlog": self.db.backlog(),
-            "unstored": len(self.unstored),
+            "outbox_backlog": self.outbox.backlog(),
+            "unstored": self.outbox.waiting(),
+            "rejected": len(self.outbox.rejected),
+            "recovered_after_restart": self.recovered,
             "paused": self.paused.is_set(),
+            "health": {"state": self.health.state, "reasons": list(self.health.reasons)},
             "archive": self.archive.stats(),
             "uptime_s": round(time.time() - self.started_at, 1),
         }
@@ -371,6 +474,8 @@ class Service:
     def start(self) -> None:
         self.runtime.warmup(self.cfg.model.warmup_runs)
         self.publisher.publish_status(
+            state="online",
+            reasons=[],
             model_sha256=self.runtime.model_sha256,
             calibration_id=self.inspector.calibration.id,
             backend=self.runtime.name,
@@ -395,11 +500,64 @@ class Service:
             self.inspector.calibration.id,
         )
 
-    def healthy(self, max_age_s: float) -> bool:
-        now = time.monotonic()
-        beats = [self.worker_heartbeat, self.publisher.heartbeat]
-        beats += [c.heartbeat for c in self.cameras if c.thread.is_alive()]
-        return all(now - b < max_age_s for b in beats)
+    def observe(self) -> Observation:
+        """What the service sees now, for ``edge_app.health.assess``."""
+        pub = self.publisher
+        beats = {"inspect": self.worker_heartbeat} if self.worker.is_alive() else {}
+        if pub.thread.is_alive():
+            beats["mqtt-publisher"] = pub.heartbeat
+        beats |= {c.thread.name: c.heartbeat for c in self.cameras if c.thread.is_alive()}
+        dead = dict(self.dead_threads)
+        expected = [self.worker, pub.thread, self.archive.thread]
+        for t in expected:
+            if t.ident is not None and not t.is_alive() and not self.stop_capture.is_set() and t.name not in dead:
+                dead[t.name] = "ended"
+        outbox = self.outbox
+        return Observation(
+            now=time.monotonic(),
+            heartbeats=beats,
+            dead_threads=dead,
+            mqtt_connected=pub.connected,
+            mqtt_error=pub.last_error,
+            backlog=outbox.backlog(),
+            last_delivery=pub.last_delivery,
+            store_error=outbox.store_error,
+            store_error_since=outbox.store_error_since,
+            undelivered_in_memory=outbox.undelivered_waiting(),
+            cameras={k: v for k, v in self.cam_states.items() if not self.stop_capture.is_set()},
+        )
+
+    def check_health(self) -> Health:
+        """Assess, then tell every health signal the same thing (metrics, retained status, STATUS=, watchdog)."""
+        obs = self.observe()
+        health = assess(obs, self.limits)
+        m = self.metrics
+        m.set("outbox_backlog", obs.backlog)
+        m.set("store_unstored", self.outbox.waiting())
+        m.set("health_degraded", 0 if health.ok else 1)
+        m.set("watchdog_withheld", 1 if health.restart else 0)
+        for reason in self.health.reasons:
+            if reason not in health.reasons:
+                m.set("health_reason", 0, reason=reason)
+        for reason in health.reasons:
+            m.set("health_reason", 1, reason=reason)
+        if health != self.health:
+            if health.ok:
+                log.info("healthy again")
+            else:
+                log.warning(
+                    "degraded: %s%s", "; ".join(health.reasons), " (watchdog withheld)" if health.restart else ""
+                )
+            self.publisher.publish_status(state="online" if health.ok else "degraded", reasons=list(health.reasons))
+        self.health = health
+        if not health.restart:
+            self.notifier.watchdog()
+        self.notifier.status(
+            f"{health.state.upper()}: {sum(self.counts.values())} verdicts, backlog {obs.backlog}"
+            + ("" if health.ok else " - " + "; ".join(health.reasons))
+            + (", PAUSED" if self.paused.is_set() else "")
+        )
+        return health
 
     def run_forever(self, install_signals: bool = True) -> int:
         if install_signals:
@@ -412,30 +570,21 @@ class Service:
         return self.shutdown()
 
     def _housekeeping_loop(self) -> None:
-        """Watchdog, STATUS=, stats messages, outbox metrics, retries of unstored verdicts, retention."""
+        """Retries of unstored verdicts, health (watchdog, STATUS=, status topic, metrics), stats, retention."""
         wd = self.notifier.watchdog_s
         tick = min(wd / 3, 1.0) if wd else 1.0
         next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
         next_purge = time.monotonic()
         while not self._housekeeping_stop.wait(tick):
-            backlog = self.db.backlog()
-            self.metrics.set("outbox_backlog", backlog)
-            if self.unstored:
-                with self._sink_lock, contextlib.suppress(StoreError):
-                    self._flush_unstored()
-            if self.healthy(max_age_s=(wd / 2) if wd else 10.0):
-                self.notifier.watchdog()
-            pub = self.publisher
-            mq = "connected" if pub.connected else f"disconnected ({pub.last_error or 'retrying'})"
-            self.notifier.status(
-                f"{sum(self.counts.values())} verdicts, backlog {backlog}, MQTT {mq}"
-                + (", PAUSED" if self.paused.is_set() else "")
-            )
+            with self._sink_lock:
+                self.outbox.flush()
+            self.check_health()
             if time.monotonic() >= next_stats:
                 self.publisher.publish_stats(self.stats())
                 next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
             if self.cfg.storage.retention_days and time.monotonic() >= next_purge:
-                self.db.purge_delivered_before(time.time() - self.cfg.storage.retention_days * 86400)
+                with contextlib.suppress(StoreError):
+                    self.db.purge_delivered_before(time.time() - self.cfg.storage.retention_days * 86400)
                 next_purge = time.monotonic() + 3600
 
     def shutdown(self, drain_timeout_s: float = 10.0) -> int:
@@ -453,16 +602,19 @@ class Service:
         self._housekeeping_stop.set()
         if self.housekeeping.is_alive():
             self.housekeeping.join(5)
+        with self._sink_lock:
+            self.outbox.flush()
+        if self.outbox.waiting():
+            log.error(
+                "%d verdict(s) could not be written to the decision log before stopping (%s)",
+                self.outbox.waiting(),
+                self.outbox.store_error,
+            )
         if not delivered:
             log.warning(
-                "%d verdict(s) not yet acknowledged: they stay in the outbox for the next start", self.db.backlog()
+                "%d verdict(s) not yet acknowledged: they stay in the outbox for the next start", self.outbox.backlog()
             )
-        self.publisher.stop()
-        self.archive.stop()
-        if self.metrics_server:
-            self.metrics_server.stop()
-        self.runtime.close()
-        self.db.close()
+        self._close_opened()
         self.notifier.close()
         return 0
 

@@ -6,6 +6,7 @@ an outage or a restart the undelivered rows are published again, oldest first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -51,6 +52,15 @@ CREATE TABLE IF NOT EXISTS verdicts (
 );
 CREATE INDEX IF NOT EXISTS verdicts_undelivered ON verdicts (id) WHERE delivered_at IS NULL;
 CREATE INDEX IF NOT EXISTS verdicts_created ON verdicts (created_at);
+-- a grabbed trigger, durable before it is inspected; deleted with the insert of its verdict
+CREATE TABLE IF NOT EXISTS triggers (
+    camera_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    part_id TEXT NOT NULL,
+    t_grab REAL NOT NULL,
+    detail TEXT,
+    PRIMARY KEY (camera_id, seq)
+);
 """
 
 
@@ -58,9 +68,28 @@ class StoreError(RuntimeError):
     """The decision log cannot be written (disk full, read-only, corrupt)."""
 
 
+class StoreUnavailableError(StoreError):
+    """Transient: the disk is full, read-only or failing. The same write may succeed later."""
+
+
+class DuplicateVerdictError(StoreError):
+    """Permanent: a verdict with this key is already logged. Retrying can never succeed."""
+
+
+@dataclass(frozen=True)
+class PendingTrigger:
+    """A trigger that was grabbed and made durable but never got a verdict (the service stopped)."""
+
+    camera_id: str
+    seq: int
+    part_id: str
+    t_grab: float
+    detail: str
+
+
 @dataclass
 class Row:
-    id: int
+    id: int | None  # None: a verdict waiting in memory for a writable log (edge_app.outbox)
     key: str
     station: str
     camera_id: str
@@ -97,7 +126,11 @@ class DecisionLog:
             raise StoreError(msg) from exc
         self.lock = threading.Lock()
 
-    def insert(self, v: Verdict) -> int:
+    def insert(
+        self, v: Verdict, published_at: float | None = None, delivered_at: float | None = None, attempts: int = 0
+    ) -> int:
+        """Log a verdict (its trigger row goes in the same transaction). ``published_at`` /
+        ``delivered_at`` / ``attempts`` carry the state of a verdict published before it was stored."""
         now = time.time()
         row = (
             v.key,
@@ -117,61 +150,125 @@ class DecisionLog:
             v.t_grab,
             v.t_decided,
             now,
+            published_at,
+            delivered_at,
+            attempts,
         )
-        try:
-            with self.lock:
+        with self.lock:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
                 cur = self.db.execute(
                     "INSERT INTO verdicts (key, station, camera_id, seq, part_id, verdict, reason, score, threshold,"
-                    " regions, latency, model_sha, calibration_id, detail, t_grab, t_decided, created_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " regions, latency, model_sha, calibration_id, detail, t_grab, t_decided, created_at,"
+                    " published_at, delivered_at, attempts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     row,
                 )
+                self.db.execute("DELETE FROM triggers WHERE camera_id = ? AND seq = ?", (v.camera_id, v.seq))
+                self.db.execute("COMMIT")
                 return int(cur.lastrowid)
-        except sqlite3.IntegrityError as exc:
-            msg = f"verdict key {v.key} is already in the log (duplicate trigger id?)"
-            raise StoreError(msg) from exc
-        except sqlite3.Error as exc:
-            msg = f"cannot write to the decision log {self.path}: {exc}"
-            raise StoreError(msg) from exc
+            except sqlite3.IntegrityError as exc:
+                self._rollback()
+                msg = f"verdict key {v.key} is already in the log (duplicate trigger id?)"
+                raise DuplicateVerdictError(msg) from exc
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise self._unavailable("write to", exc) from exc
 
-    def pending(self, after_id: int = 0, limit: int = 100) -> list[Row]:
+    def record_trigger(self, camera_id: str, seq: int, part_id: str, t_grab: float, detail: str = "") -> None:
+        """Make a grabbed trigger durable before it is inspected (a crash then cannot eat it)."""
+        with self.lock:
+            try:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO triggers (camera_id, seq, part_id, t_grab, detail) VALUES (?,?,?,?,?)",
+                    (camera_id, seq, part_id, t_grab, detail),
+                )
+            except sqlite3.Error as exc:
+                raise self._unavailable("record a trigger in", exc) from exc
+
+    def pending_triggers(self) -> list[PendingTrigger]:
+        """Triggers without a verdict, in grab order (camera, seq)."""
         with self.lock:
             cur = self.db.execute(
-                "SELECT * FROM verdicts WHERE delivered_at IS NULL AND id > ? ORDER BY id LIMIT ?", (after_id, limit)
+                "SELECT camera_id, seq, part_id, t_grab, COALESCE(detail, '') FROM triggers"
+                " ORDER BY t_grab, camera_id, seq"
             )
-            return [self._row(r) for r in cur.fetchall()]
+            return [PendingTrigger(*r) for r in cur.fetchall()]
 
-    def mark_published(self, row_id: int, t: float) -> None:
-        with self.lock:
-            self.db.execute("UPDATE verdicts SET published_at = ?, attempts = attempts + 1 WHERE id = ?", (t, row_id))
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
 
-    def mark_delivered(self, row_id: int, t: float) -> None:
+    def _unavailable(self, what: str, exc: sqlite3.Error) -> StoreUnavailableError:
+        return StoreUnavailableError(f"cannot {what} the decision log {self.path}: {exc}")
+
+    def pending(self, after_id: int = 0, limit: int = 100) -> list[Row]:
+        return self._read(
+            lambda: [
+                self._row(r)
+                for r in self.db.execute(
+                    "SELECT * FROM verdicts WHERE delivered_at IS NULL AND id > ? ORDER BY id LIMIT ?",
+                    (after_id, limit),
+                ).fetchall()
+            ]
+        )
+
+    def mark_published(self, key: str, t: float) -> None:
         with self.lock:
-            self.db.execute("UPDATE verdicts SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL", (t, row_id))
+            try:
+                self.db.execute("UPDATE verdicts SET published_at = ?, attempts = attempts + 1 WHERE key = ?", (t, key))
+            except sqlite3.Error as exc:
+                raise self._unavailable("write to", exc) from exc
+
+    def mark_delivered(self, key: str, t: float) -> None:
+        with self.lock:
+            try:
+                self.db.execute("UPDATE verdicts SET delivered_at = ? WHERE key = ? AND delivered_at IS NULL", (t, key))
+            except sqlite3.Error as exc:
+                raise self._unavailable("write to", exc) from exc
 
     def last_seq(self, camera_id: str) -> int:
-        """Highest sequence number logged for a camera: sequence numbers continue across restarts."""
-        with self.lock:
-            v = self.db.execute("SELECT MAX(seq) FROM verdicts WHERE camera_id = ?", (camera_id,)).fetchone()[0]
-            return int(v or 0)
+        """Highest sequence number used by a camera, verdicts and pending triggers alike: sequence
+        numbers continue across restarts and crashes, never given to another part."""
+        return self._read(
+            lambda: int(
+                self.db.execute(
+                    "SELECT MAX(s) FROM (SELECT MAX(seq) AS s FROM verdicts WHERE camera_id = ?"
+                    " UNION ALL SELECT MAX(seq) FROM triggers WHERE camera_id = ?)",
+                    (camera_id, camera_id),
+                ).fetchone()[0]
+                or 0
+            )
+        )
 
     def backlog(self) -> int:
-        with self.lock:
-            return int(self.db.execute("SELECT COUNT(*) FROM verdicts WHERE delivered_at IS NULL").fetchone()[0])
+        return self._read(
+            lambda: int(self.db.execute("SELECT COUNT(*) FROM verdicts WHERE delivered_at IS NULL").fetchone()[0])
+        )
 
     def count(self) -> int:
-        with self.lock:
-            return int(self.db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0])
+        return self._read(lambda: int(self.db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]))
 
     def rows(self) -> list[Row]:
-        with self.lock:
-            return [self._row(r) for r in self.db.execute("SELECT * FROM verdicts ORDER BY id").fetchall()]
+        return self._read(
+            lambda: [self._row(r) for r in self.db.execute("SELECT * FROM verdicts ORDER BY id").fetchall()]
+        )
 
     def purge_delivered_before(self, t: float) -> int:
         with self.lock:
-            return self.db.execute(
-                "DELETE FROM verdicts WHERE delivered_at IS NOT NULL AND created_at < ?", (t,)
-            ).rowcount
+            try:
+                return self.db.execute(
+                    "DELETE FROM verdicts WHERE delivered_at IS NOT NULL AND created_at < ?", (t,)
+                ).rowcount
+            except sqlite3.Error as exc:
+                raise self._unavailable("purge", exc) from exc
+
+    def _read(self, fn):
+        with self.lock:
+            try:
+                return fn()
+            except sqlite3.Error as exc:
+                raise self._unavailable("read", exc) from exc
 
     def close(self) -> None:
         with self.lock:

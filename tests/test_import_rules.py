@@ -18,6 +18,21 @@ import pytest
         "engines.metrics",
         "engines.synthetic",
         "engines.evaluate",
+        # the modules of the line service one by one (DESIGN.md: numpy in, numpy out)
+        "edge_app.service",
+        "edge_app.inspect",
+        "edge_app.decide",
+        "edge_app.store",
+        "edge_app.outbox",
+        "edge_app.publish",
+        "edge_app.health",
+        "edge_app.checks",
+        "engines.runtime",
+        "engines.runtime.ort",
+        "engines.runtime.openvino",
+        "calibration.stats",
+        "calibration.wizard",
+        "calibration.report",
     ],
 )
 def test_module_does_not_import_torch(module):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-import cv2
-
 from edge_app.capture import Camera, CameraError
+from edge_app.capture.imagefile import ImageFileError, read_frame_image
 from edge_app.frame import Frame
 
 log = logging.getLogger(__name__)
@@ -55,13 +54,12 @@ class FolderCameraSource(Camera):
         path = self.files[self.index % len(self.files)]
         self.index += 1
         seq = self.next_seq()
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         frame = Frame(self.id, seq, str(seq), time.time())
-        if img is None:
-            frame.error, frame.detail = "grab_failed", f"cannot read {path.name}"
-        else:
-            frame.image = img
+        try:
+            frame.image = read_frame_image(path)
             frame.detail = path.name
+        except ImageFileError as exc:
+            frame.error, frame.detail = exc.reason, exc.detail
         return [frame]
 
     def close(self) -> None:

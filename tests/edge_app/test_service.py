@@ -47,6 +47,16 @@ def test_every_frame_gives_one_verdict_on_the_broker(tmp_path, broker, listener_
     for p in sorted(part_images.iterdir()):
         shutil.copy(p, tmp_path / "imgs" / p.name)
     (tmp_path / "imgs" / "005_corrupt.png").write_bytes(b"\x89PNG broken")  # a failed grab
+    # half-written files (a camera's FTP upload caught mid-way) and a 16-bit image
+    import cv2
+    import numpy as np
+
+    part = cv2.imread(str(sorted(part_images.iterdir())[1]), cv2.IMREAD_GRAYSCALE)
+    jpg = cv2.imencode(".jpg", part)[1].tobytes()
+    png = cv2.imencode(".png", part)[1].tobytes()
+    (tmp_path / "imgs" / "007_cut.jpg").write_bytes(jpg[: len(jpg) // 3])
+    (tmp_path / "imgs" / "009_cut.png").write_bytes(png[: len(png) // 2])
+    cv2.imwrite(str(tmp_path / "imgs" / "011_deep.png"), part.astype(np.uint16) * 257)
     n = len(list((tmp_path / "imgs").iterdir()))
     lst = listener_factory(broker, f"{BASE}/#")
     cfg = write_config(tmp_path / "c.yaml", calibrated, broker, tmp_path, [folder_camera(tmp_path / "imgs")])
@@ -55,19 +65,24 @@ def test_every_frame_gives_one_verdict_on_the_broker(tmp_path, broker, listener_
         results = lst.wait_for("/result", n)
         assert len(results) == n
         assert [r["part_id"] for r in results] == [str(i) for i in range(1, n + 1)]
-        kinds = {r["detail"]: r["verdict"] for r in results}
-        assert kinds["cannot read 005_corrupt.png"] == "not_inspected"
-        bad = [r for r in results if r["verdict"] == "not_inspected"]
-        assert len(bad) == 1 and bad[0]["reason"] == "grab_failed"
+        bad = {r["part_id"]: r for r in results if r["verdict"] == "not_inspected"}
+        reasons = sorted((r["reason"], r["detail"].split(":")[0].split(" (")[0]) for r in bad.values())
+        assert reasons == [
+            ("grab_failed", "cannot decode 005_corrupt.png"),
+            ("incomplete_image", "007_cut.jpg"),
+            ("incomplete_image", "009_cut.png"),
+            ("unsupported_image", "a uint16 image"),
+        ], reasons
+        assert any("end-of-image marker" in r["detail"] for r in bad.values())
         # defective parts are found, good ones pass
-        by_name = {r["detail"]: r for r in results}
-        assert sum(by_name[k]["verdict"] == "ng" for k in by_name if "good" not in k and "corrupt" not in k) >= 3
+        by_name = {r["detail"]: r for r in results if r["verdict"] != "not_inspected"}
+        assert sum(by_name[k]["verdict"] == "ng" for k in by_name if "good" not in k) >= 3
         assert all(by_name[k]["verdict"] == "ok" for k in by_name if "good" in k)
         for r in results:
             assert r["schema_version"] == 1
             assert r["idempotency_key"] == f"S1/cam1/{r['part_id']}/{r['seq']}"
             assert r["late"] is False
-        assert run_until(svc, lambda: svc.db.backlog() == 0)
+        assert run_until(svc, lambda: svc.outbox.backlog() == 0)
         # status: retained online message with model and calibration ids
         status = lst.wait_for("/status", 1)[-1]
         assert status["state"] == "online" and status["model_sha256"] == svc.runtime.model_sha256
@@ -75,8 +90,9 @@ def test_every_frame_gives_one_verdict_on_the_broker(tmp_path, broker, listener_
         # the stats message and the metrics endpoint
         assert lst.wait_for("/stats", 1, timeout=5)
         text = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_server.port}/metrics", timeout=5).read().decode()
-        assert 'lineinspect_verdicts_total{verdict="not_inspected"} 1' in text
+        assert 'lineinspect_verdicts_total{verdict="not_inspected"} 4' in text
         assert 'lineinspect_not_inspected_total{reason="grab_failed"} 1' in text
+        assert 'lineinspect_not_inspected_total{reason="incomplete_image"} 2' in text
         assert "lineinspect_stage_latency_ms_bucket" in text and "lineinspect_mqtt_connected 1" in text
         # NG images and heatmaps archived
         assert run_until(svc, lambda: svc.archive.written >= 2, 10)
@@ -158,7 +174,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(tmp_path, broker, listener_
         assert len(lst.wait_for("/result", 5)) >= 5
         assert svc.publisher.commands_ready.is_set()
         broker.stop()  # broker down mid-run: verdicts pile up in the outbox
-        assert run_until(svc, lambda: svc.db.backlog() >= 10, 20)
+        assert run_until(svc, lambda: svc.outbox.backlog() >= 10, 20)
         assert not svc.publisher.commands_ready.is_set(), "no commands can arrive while the broker is down"
         broker.start()
         assert svc.publisher.commands_ready.wait(15), "the cmd/+ subscription is renewed after the reconnect"
@@ -226,7 +242,7 @@ def test_wrong_password_gives_a_clear_error_and_status(tmp_path, broker_factory,
         assert "refused" in svc.publisher.last_error and svc.publisher.auth_failed
         assert "check mqtt.username and the password file" in caplog.text
         # the line keeps inspecting; verdicts wait in the outbox
-        assert run_until(svc, lambda: svc.db.backlog() == 12, 20)
+        assert run_until(svc, lambda: svc.outbox.backlog() == 12, 20)
         assert svc.metrics.get("mqtt_connect_failures_total", reason=svc.publisher.last_error.split(": ", 1)[1]) >= 1
     finally:
         svc.shutdown(drain_timeout_s=0.2)
@@ -352,10 +368,10 @@ def test_store_full_keeps_verdicts_in_memory_then_flushes(tmp_path, broker, list
         # SQLite's own "database or disk is full" (SQLITE_FULL): cap the file at its current size
         pages = svc.db.db.execute("PRAGMA page_count").fetchone()[0]
         svc.db.db.execute(f"PRAGMA max_page_count = {pages}")
-        assert run_until(svc, lambda: len(svc.unstored) >= 3, 60), "the log never filled up"
+        assert run_until(svc, lambda: svc.outbox.waiting() >= 3, 60), "the log never filled up"
         assert svc.metrics.get("store_errors_total") >= 3
         svc.db.db.execute("PRAGMA max_page_count = 1073741823")  # the disk has room again
-        assert run_until(svc, lambda: not svc.unstored, 30)
+        assert run_until(svc, lambda: not svc.outbox.waiting(), 30)
         svc.stop_capture.set()
     finally:
         svc.shutdown()
