@@ -55,7 +55,8 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         for sub in _models(field.annotation):
             sub_prefix = f"{path}[]." if typing.get_origin(field.annotation) is list else f"{path}."
             if len(_models(field.annotation)) > 1:  # a tagged union: say which member the keys belong to
-                sub_prefix = f"{path}[] ({sub.__name__}) ." if sub_prefix.endswith("[].") else f"{path} ({sub.__name__}) ."
+                member = f"({sub.__name__}) ."
+                sub_prefix = f"{path}[] {member}" if sub_prefix.endswith("[].") else f"{path} {member}"
             out.extend(rows(sub, sub_prefix))
     return out
 
