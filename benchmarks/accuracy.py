@@ -1,19 +1,28 @@
-"""Accuracy + ablation on the real data sets (../shared/data): trains each variant, evaluates, prints a table.
+"""Accuracy + ablation on the real data sets (../shared/data), side by side with a memory-bank peer.
 
     python benchmarks/accuracy.py [--epochs 6] [--datasets magnetic_tile ball_screw_drive]
                                   [--variants full plain simam sspcab] [--device cpu]
-                                  [--taps 2 4 10] [--student-expand 6] [--seed 0]
+                                  [--taps 2 4 10] [--student-expand 6] [--distance l2]
+                                  [--hard-quantile 0.999] [--seed 0] [--no-peer]
 
-Writes benchmarks/results/accuracy.json (rows: dataset, variant, image_auroc, pixel_auroc, au_pro,
-epochs, taps, student_expand, seed, train_seconds, machine); a row replaces an older one only for
-the same dataset, variant, taps, student_expand and seed. Rows are written as each run finishes,
-so a long run that is stopped keeps what it measured.
+For each data set, in one run: each variant of our network is trained on the good training images
+(minus the held-out validation split that ``lineinspect train`` makes) and the PatchCore peer
+(benchmarks/patchcore.py, on the same teacher) is fitted on the same images. Both are evaluated on
+the full test split: image AUROC, pixel AUROC, AU-PRO, and the plant metric: the threshold from the
+project's calibration rule at alpha = 1 % on the held-out good images of the TRAINING split, then
+the observed false-reject rate on test/good and the share of defective parts caught (per type too).
+
+Writes benchmarks/results/accuracy.json: one row per (dataset, network setting, seed) with the
+peer's numbers from the same run under "peer", "default": true on rows of the network that
+``lineinspect train`` ships. A row replaces an older one only for the same dataset and setting.
+Data sets without masks for some defects are scored too; the pixel metrics say what they cover.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -30,11 +39,36 @@ VARIANTS = {
     "sspcab": {"simam": False, "sspcab": True},
     "full": {"simam": True, "sspcab": True},
 }
+# the settings that make a row's network (with dataset and seed: a row's identity)
+NET_KEYS = ("taps", "student_expand", "distance", "hard_quantile", "epochs", "crop_size", "lr")
+OLD_DEFAULTS = {"student_expand": 6, "distance": "cosine", "hard_quantile": None, "crop_size": None, "lr": 1e-3}
 
 
 def _key(row: dict) -> tuple:
     """Rows replace each other only when they measured the same setting."""
-    return (row["dataset"], row["variant"], row.get("taps"), row.get("student_expand", 6), row.get("seed", 0))
+    net = tuple(json.dumps(row.get(k, OLD_DEFAULTS.get(k))) for k in NET_KEYS)
+    return (row["dataset"], row["variant"], row.get("seed", 0), *net)
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
+
+
+def _summary(res: dict) -> dict:
+    overall = res["rows"][-1]
+    plant = res["plant"]
+    return {
+        "image_auroc": _r(overall["image_auroc"]),
+        "pixel_auroc": _r(overall["pixel_auroc"]),
+        "au_pro": _r(overall["au_pro"]),
+        "frr_at_1pct": _r(plant["frr"]) if plant else None,
+        "caught_at_1pct": _r(plant["caught"]) if plant else None,
+        "caught_at_1pct_per_defect": {k: _r(v) for k, v in plant["caught_per_defect"].items()} if plant else None,
+    }
+
+
+def _fmt(v: float | None) -> str:
+    return "  -  " if v is None else f"{v:.3f}"
 
 
 def main() -> int:
@@ -42,60 +76,88 @@ def main() -> int:
     ap.add_argument("--data-root", type=Path, default=HERE.parent.parent / "shared" / "data")
     ap.add_argument("--datasets", nargs="+", default=["magnetic_tile", "ball_screw_drive"])
     ap.add_argument("--variants", nargs="+", default=["full", "plain", "simam", "sspcab"], choices=list(VARIANTS))
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, help="training epochs (default: lineinspect train's)")
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--taps", type=int, nargs="+", help="teacher blocks to tap (default: the model's default)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (split, initialisation, batch order)")
     ap.add_argument("--student-expand", type=int, help="student MBConv expansion ratio (default: the model's)")
+    ap.add_argument("--distance", choices=["cosine", "l2"], help="per-scale discrepancy (default: the model's)")
+    ap.add_argument("--hard-quantile", type=float, help="hard-feature mining quantile (default: the model's)")
+    ap.add_argument("--no-hard-quantile", action="store_true", help="train without hard-feature mining")
+    ap.add_argument("--crop-size", type=int, help="train on random crops of this size (default: the model's)")
+    ap.add_argument("--lr", type=float, help="learning rate (default: the model's)")
+    ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
+    ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
+    ap.add_argument("--peer-coreset", type=float, default=0.01, help="PatchCore coreset ratio")
     ap.add_argument("--work", type=Path, default=HERE.parent / "runs" / "accuracy")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "accuracy.json")
-    ap.add_argument("--append", action="store_true", help="keep existing rows of other (dataset, variant) pairs")
     args = ap.parse_args()
 
-    from engines.evaluate import evaluate, format_table
+    from engines.data import good_training_images, split_holdout
+    from engines.evaluate import evaluate, format_plant, format_table
     from engines.train import TrainConfig, load_bundle_model, predict, train
 
     machine = machine_name()
-    rows: list[dict] = []
-    if args.append and args.results.is_file():
-        rows = json.loads(args.results.read_text())
+    rows: list[dict] = json.loads(args.results.read_text()) if args.results.is_file() else []
+    shipped = TrainConfig()
     for ds in args.datasets:
+        data = args.data_root / ds
+        peer = None
         for variant in args.variants:
-            data = args.data_root / ds
-            bundle = args.work / f"{ds}-{variant}"
             extra = {"taps": args.taps} if args.taps else {}
-            if args.student_expand:
-                extra["student_expand"] = args.student_expand
+            for name in ("student_expand", "distance", "hard_quantile", "crop_size", "lr", "epochs"):
+                if getattr(args, name) is not None:
+                    extra[name] = getattr(args, name)
+            if args.no_hard_quantile:
+                extra["hard_quantile"] = None
             cfg = TrainConfig(
-                epochs=args.epochs,
-                image_size=args.image_size,
-                device=args.device,
-                seed=args.seed,
-                **VARIANTS[variant],
-                **extra,
+                image_size=args.image_size, device=args.device, seed=args.seed, **VARIANTS[variant], **extra
             )
+            train_paths, held_out = split_holdout(good_training_images(data), cfg.val_fraction, cfg.seed)
+            tag = f"{ds}-{variant}-{cfg.distance}-e{cfg.epochs}-s{cfg.seed}"
+            bundle = args.work / tag
             t0 = time.perf_counter()
             train(data, bundle, cfg, quiet=True)
             train_s = time.perf_counter() - t0
             model = load_bundle_model(bundle, device=args.device)
-            res = evaluate(data, args.image_size, lambda x, m=model: predict(m, x), bundle / "eval", n_overlays=8)
-            overall = res["rows"][-1]
-            print(f"\n== {ds} / {variant} ({args.epochs} epochs, trained in {train_s:.0f} s)")
-            print(format_table(res["rows"]), flush=True)
+            res = evaluate(
+                data,
+                args.image_size,
+                lambda x, m=model: predict(m, x),
+                bundle / "eval",
+                n_overlays=8,
+                calibration_images=held_out,
+                alpha=args.alpha,
+            )
+            print(f"\n== {ds} / {variant} / {cfg.distance} ({cfg.epochs} epochs, trained in {train_s:.0f} s)")
+            print(format_table(res["rows"]))
+            for note in res["notes"]:
+                print(f"note: {note}")
+            print(format_plant(res["plant"]), flush=True)
+            if peer is None and not args.no_peer:
+                peer = _run_peer(data, args, train_paths, held_out)
+            is_default = variant == "full" and all(
+                getattr(cfg, k) == getattr(shipped, k) for k in ("taps", "student_expand", "distance", "hard_quantile")
+            )
             row = {
                 "dataset": ds,
                 "variant": variant,
-                "image_auroc": round(overall["image_auroc"], 4),
-                "pixel_auroc": round(overall["pixel_auroc"], 4),
-                "au_pro": round(overall["au_pro"], 4),
-                "f1_max": round(overall["f1_max"], 4),
-                "epochs": args.epochs,
+                **_summary(res),
+                "f1_max": _r(res["rows"][-1]["f1_max"]),
+                "epochs": cfg.epochs,
                 "taps": list(cfg.taps),
                 "student_expand": cfg.student_expand,
+                "distance": cfg.distance,
+                "hard_quantile": cfg.hard_quantile,
+                "crop_size": cfg.crop_size,
+                "lr": cfg.lr,
                 "seed": cfg.seed,
                 "image_size": args.image_size,
                 "train_seconds": round(train_s, 1),
+                "default": is_default,
+                "peer": peer,
+                "notes": res["notes"],
                 "machine": machine,
                 "per_defect": res["rows"][:-1],
             }
@@ -103,20 +165,64 @@ def main() -> int:
             rows.append(row)
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(rows, indent=2) + "\n")
-
-    print(f"\nmachine: {machine}")
-    print(
-        f"{'dataset':<18}{'variant':<8}{'taps':<10}{'expand':>7}{'seed':>5}{'img AUROC':>10}{'px AUROC':>10}"
-        f"{'AU-PRO':>8}{'epochs':>7}{'train s':>9}"
-    )
-    for r in rows:
-        taps = ",".join(str(t) for t in r.get("taps") or [])
-        print(
-            f"{r['dataset']:<18}{r['variant']:<8}{taps:<10}{r.get('student_expand', 6):>7}{r.get('seed', 0):>5}"
-            f"{r['image_auroc']:>10.3f}{r['pixel_auroc']:>10.3f}{r['au_pro']:>8.3f}{r['epochs']:>7}"
-            f"{r['train_seconds']:>9.0f}"
-        )
+            print_table([row], machine)
+    print_table([r for r in rows if r.get("peer")], machine)
     return 0
+
+
+def _run_peer(data: Path, args, train_paths: list[Path], held_out: list[Path]) -> dict:
+    """PatchCore fitted on exactly the images our network trained on, scored like ours."""
+    from patchcore import PatchCore, PatchCoreConfig
+
+    from engines.data import load_images
+    from engines.evaluate import evaluate, format_plant, format_table
+
+    t0 = time.perf_counter()
+    pc = PatchCore(PatchCoreConfig(image_size=args.image_size, coreset_ratio=args.peer_coreset), seed=args.seed)
+    pc.fit(load_images(train_paths, args.image_size))
+    fit_s = time.perf_counter() - t0
+    res = evaluate(data, args.image_size, pc.predict, calibration_images=held_out, alpha=args.alpha)
+    print(
+        f"\n== {data.name} / PatchCore peer (coreset {args.peer_coreset:.1%} of {pc.n_patches} patches, "
+        f"fit {fit_s:.0f} s)"
+    )
+    print(format_table(res["rows"]))
+    print(format_plant(res["plant"]), flush=True)
+    return {
+        "method": f"patchcore (teacher taps {','.join(map(str, pc.cfg.taps))}, coreset {args.peer_coreset:g})",
+        **_summary(res),
+        "fit_seconds": round(fit_s, 1),
+    }
+
+
+def ratio(r: dict, p: dict) -> str:
+    """Our image AUROC over the peer's."""
+    if r.get("image_auroc") is None or not p.get("image_auroc"):
+        return "-"
+    return f"{r['image_auroc'] / p['image_auroc']:.3f}"
+
+
+def print_table(rows: list[dict], machine: str) -> None:
+    print(f"\nmachine: {machine}")
+    head = (
+        f"{'dataset':<17}{'variant':<8}{'dist':<7}{'ep':>3}{'seed':>5}  {'img AUROC':<16}{'px AUROC':<16}"
+        f"{'AU-PRO':<16}{'FRR@1%':<15}{'caught@1%':<15}{'train s':>8}{'ratio':>7}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        p = r.get("peer") or {}
+
+        def pair(k: str, r=r, p=p) -> str:
+            return f"{_fmt(r.get(k))}/{_fmt(p.get(k))}"
+
+        print(
+            f"{r['dataset']:<17}{r['variant']:<8}{r.get('distance', 'cosine'):<7}{r['epochs']:>3}"
+            f"{r.get('seed', 0):>5}  "
+            f"{pair('image_auroc'):<16}{pair('pixel_auroc'):<16}{pair('au_pro'):<16}{pair('frr_at_1pct'):<15}"
+            f"{pair('caught_at_1pct'):<15}{r['train_seconds']:>8.0f}{ratio(r, p):>7}"
+        )
+    print("(ours / PatchCore peer from the same run)")
 
 
 if __name__ == "__main__":

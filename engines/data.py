@@ -114,15 +114,21 @@ def good_training_images(root: Path) -> list[Path]:
 class EvalItem:
     path: Path
     defect: str  # "good" or the defect type
-    mask: Path | None
+    mask: Path | None  # None on a good part (nothing defective) or a defect without a mask file
+    mask_missing: bool = False  # a defect whose ground-truth mask file does not exist
 
     @property
     def is_defect(self) -> bool:
         return self.defect != "good"
 
 
-def eval_items(root: Path) -> list[EvalItem]:
-    """Every image under ``<root>/test/<type>/`` with its mask (missing mask on a defect: error)."""
+def eval_items(root: Path, require_masks: bool = False) -> list[EvalItem]:
+    """Every image under ``<root>/test/<type>/`` with its mask.
+
+    Plants often label parts good / bad without pixel masks: a defect without its
+    ``ground_truth/<type>/<stem>_mask.png`` is kept with ``mask_missing`` set (image metrics still
+    count it; pixel metrics leave it out), unless ``require_masks`` makes that an error.
+    """
     root = Path(root)
     test = root / "test"
     if not test.is_dir():
@@ -131,13 +137,15 @@ def eval_items(root: Path) -> list[EvalItem]:
     items: list[EvalItem] = []
     for sub in sorted(p for p in test.iterdir() if p.is_dir()):
         for img in list_images(sub):
-            mask = None
+            mask, missing = None, False
             if sub.name != "good":
                 mask = root / "ground_truth" / sub.name / f"{img.stem}_mask.png"
                 if not mask.is_file():
-                    msg = f"missing ground-truth mask {mask} for {img}"
-                    raise DatasetError(msg)
-            items.append(EvalItem(img, sub.name, mask))
+                    if require_masks:
+                        msg = f"missing ground-truth mask {mask} for {img}"
+                        raise DatasetError(msg)
+                    mask, missing = None, True
+            items.append(EvalItem(img, sub.name, mask, missing))
     if not items:
         msg = f"no test images under {test}"
         raise DatasetError(msg)

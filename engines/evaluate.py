@@ -9,6 +9,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +39,97 @@ def score_items(items: list[EvalItem], size: int, score_fn: ScoreFn, chunk: int 
 
 
 def metric_rows(items: list[EvalItem], maps: np.ndarray, scores: np.ndarray, masks: np.ndarray) -> list[dict]:
-    """One row per defect type (good images + that type) and one 'all' row."""
+    """One row per defect type (good images + that type) and one 'all' row.
+
+    Pixel metrics use the good images and the defects that have a mask; a row none of whose defects
+    has one gets NaN pixel metrics (``n_masked`` says how many counted).
+    """
     defect = np.array([it.defect for it in items])
     labels = defect != "good"
+    masked = np.array([not it.mask_missing for it in items])
     types = sorted(set(defect[labels].tolist()))
     rows = []
     for name in [*types, "all"]:
         sel = (defect == "good") | (defect == name) if name != "all" else np.ones(len(items), bool)
         y = labels[sel]
         f1, _ = f1_max(y, scores[sel])
+        px = sel & masked
+        has_pixels = bool((px & labels).any()) and bool(masks[px].any())
         rows.append(
             {
                 "defect": name,
                 "n_good": int((~y).sum()),
                 "n_defect": int(y.sum()),
+                "n_masked": int((px & labels).sum()),
                 "image_auroc": auroc(y, scores[sel]),
-                "pixel_auroc": auroc(masks[sel], maps[sel]) if masks[sel].any() else float("nan"),
-                "au_pro": au_pro(masks[sel], maps[sel]),
+                "pixel_auroc": auroc(masks[px], maps[px]) if has_pixels else float("nan"),
+                "au_pro": au_pro(masks[px], maps[px]) if has_pixels else float("nan"),
                 "f1_max": f1,
             }
         )
     return rows
+
+
+@dataclass(frozen=True)
+class PlantMetric:
+    """What a plant sees at a calibrated threshold: false rejects on good parts, share of defects caught."""
+
+    alpha: float
+    threshold: float
+    method: str  # the calibration rule that chose the threshold (order_statistic | gpd)
+    n_calibration: int  # held-out good parts of the training split the threshold came from
+    frr: float  # observed on the test split's good parts
+    caught: float  # share of defective test parts with score >= threshold
+    caught_per_defect: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plant_metric(
+    calibration_scores: np.ndarray,
+    test_scores: np.ndarray,
+    defects: list[str],
+    alpha: float = 0.01,
+    confidence: float = 0.95,
+) -> PlantMetric:
+    """The project's calibration rule (``calibration.stats.image_threshold``) on held-out good scores,
+    then the observed false-reject rate and catch rate on the test split ("score >= threshold" is ng,
+    as the service decides)."""
+    from calibration.stats import image_threshold
+
+    thr = image_threshold(np.asarray(calibration_scores), alpha, confidence)
+    defect = np.asarray(defects)
+    s = np.asarray(test_scores, dtype=np.float64)
+    good = defect == "good"
+    if not good.any() or good.all():
+        msg = "the plant metric needs good and defective test parts"
+        raise ValueError(msg)
+    ng = s >= thr.threshold
+    return PlantMetric(
+        alpha=alpha,
+        threshold=float(thr.threshold),
+        method=thr.method,
+        n_calibration=len(calibration_scores),
+        frr=float(ng[good].mean()),
+        caught=float(ng[~good].mean()),
+        caught_per_defect={d: float(ng[defect == d].mean()) for d in sorted(set(defect[~good].tolist()))},
+    )
+
+
+def mask_notes(items: list[EvalItem]) -> list[str]:
+    """Human-readable lines on missing ground-truth masks (empty when every defect has one)."""
+    missing = [it for it in items if it.mask_missing]
+    n_defect = sum(it.is_defect for it in items)
+    if not missing:
+        return []
+    if len(missing) == n_defect:
+        return ["no defect image has a ground-truth mask: pixel AUROC and AU-PRO are not available"]
+    shown = ", ".join(str(it.path) for it in missing[:5]) + (" ..." if len(missing) > 5 else "")
+    return [
+        f"{len(missing)} of {n_defect} defect images have no ground-truth mask and are left out of the pixel "
+        f"metrics: {shown}"
+    ]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -109,11 +180,42 @@ def save_overlays(
     return written
 
 
-def evaluate(data: Path, size: int, score_fn: ScoreFn, out: Path | None = None, n_overlays: int = 12) -> dict[str, Any]:
+def evaluate(
+    data: Path,
+    size: int,
+    score_fn: ScoreFn,
+    out: Path | None = None,
+    n_overlays: int = 12,
+    calibration_images: list[Path] | None = None,
+    alpha: float = 0.01,
+) -> dict[str, Any]:
+    """Metrics on ``data``'s test split; with ``calibration_images`` (held-out good parts, never the
+    test split) also the plant metric at false-reject target ``alpha``."""
     items = eval_items(Path(data))
     maps, scores, masks = score_items(items, size, score_fn)
     rows = metric_rows(items, maps, scores, masks)
-    result = {"data": str(Path(data).resolve()), "n_images": len(items), "rows": rows}
+    result: dict[str, Any] = {
+        "data": str(Path(data).resolve()),
+        "n_images": len(items),
+        "rows": rows,
+        "notes": mask_notes(items),
+        "plant": None,
+        "scores": scores.tolist(),
+        "defects": [it.defect for it in items],
+    }
+    if calibration_images:
+        cal_scores = np.concatenate(
+            [
+                score_fn(load_images(calibration_images[i : i + 64], size))[1]
+                for i in range(0, len(calibration_images), 64)
+            ]
+        )
+        from calibration.stats import CalibrationStatsError
+
+        try:
+            result["plant"] = plant_metric(cal_scores, scores, result["defects"], alpha).to_dict()
+        except CalibrationStatsError as exc:
+            result["notes"].append(f"plant metric not available: {exc}")
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -133,13 +235,45 @@ def main_evaluate(args) -> int:
         size = bundle_mod.input_size(meta)
         score_fn = _score_fn(args, meta)
         out = Path(args.out) if args.out else Path(args.bundle) / "eval"
-        result = evaluate(Path(args.data), size, score_fn, out, n_overlays=args.overlays)
+        result = evaluate(
+            Path(args.data), size, score_fn, out, n_overlays=args.overlays, calibration_images=held_out_goods(meta)
+        )
     except (DatasetError, bundle_mod.BundleError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(result["rows"]))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(format_plant(result["plant"]))
     print(f"metrics written to {out / 'metrics.json'}")
     return 0
+
+
+def held_out_goods(meta: dict) -> list[Path] | None:
+    """The good images ``lineinspect train`` held out of training (same seeded split), if still on disk."""
+    from engines.data import DatasetError, good_training_images, split_holdout
+
+    training = meta.get("training") or {}
+    cfg = training.get("config") or {}
+    data = training.get("data")
+    if not data or not Path(data).exists() or not cfg.get("val_fraction"):
+        return None
+    try:
+        _, held_out = split_holdout(good_training_images(Path(data)), cfg["val_fraction"], cfg.get("seed", 0))
+    except DatasetError:
+        return None
+    return held_out
+
+
+def format_plant(plant: dict | None) -> str:
+    if plant is None:
+        return "plant metric: not available (the bundle's held-out good training images are not on disk)"
+    per = ", ".join(f"{k} {v:.1%}" for k, v in plant["caught_per_defect"].items())
+    return (
+        f"at a {plant['alpha']:.0%} false-reject target (threshold {plant['threshold']:.4g} from "
+        f"{plant['n_calibration']} held-out good parts, {plant['method']}): observed false rejects "
+        f"{plant['frr']:.1%}, defective parts caught {plant['caught']:.1%} ({per})"
+    )
 
 
 def _score_fn(args, meta: dict) -> ScoreFn:

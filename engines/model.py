@@ -21,6 +21,7 @@ from engines.teacher import (
     SameConv2d,
     Teacher,
     normalize_input,
+    tap_channels,
     tap_strides,
 )
 
@@ -44,6 +45,10 @@ class NetConfig:
     # same accuracy over two seeds on both real data sets, but clearly worse on the demo's synthetic
     # parts (README, "The method"), so it is a speed setting, not the default.
     student_expand: int = 6
+    # Per-scale discrepancy: "cosine" (1 - cosine similarity over channels: direction only) or "l2"
+    # (mean squared difference over channels of the teacher's features standardised per channel with
+    # training-set statistics, as EfficientAD: sees a change of magnitude too).
+    distance: str = "l2"
     blur_sigma: float = 4.0  # in input pixels
     # Maps are fused and smoothed at 1/fuse_stride of the input size, then upsampled once
     # (4: the finest tap's resolution; 1: everything at full size, slower on CPUs).
@@ -56,6 +61,9 @@ class NetConfig:
         return self.taps[-1] - 1 if self.sspcab_after_block is None else self.sspcab_after_block
 
     def validate(self) -> None:
+        if self.distance not in ("cosine", "l2"):
+            msg = f"distance must be 'cosine' or 'l2', got {self.distance!r}"
+            raise ValueError(msg)
         if self.score not in ("max", "topk"):
             msg = f"score must be 'max' or 'topk', got {self.score!r}"
             raise ValueError(msg)
@@ -88,6 +96,7 @@ class NetConfig:
         d["scale_weights"] = tuple(d["scale_weights"])
         d.setdefault("fuse_stride", 1)  # bundles written before fuse_stride existed fused at full size
         d.setdefault("student_expand", 6)  # ... and before student_expand existed, the student was the teacher's shape
+        d.setdefault("distance", "cosine")  # ... and before distance existed, maps were cosine distances
         return cls(**d)
 
 
@@ -164,17 +173,39 @@ def cosine_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return 1.0 - dot / norms
 
 
+def l2_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference over channels: (N, C, H, W) x2 -> (N, H, W)."""
+    d = t - s
+    return (d * d).mean(dim=1)
+
+
+def hard_mean(d: torch.Tensor, q: float | None) -> torch.Tensor:
+    """Mean of the values at or above the ``q`` quantile of ``d`` (EfficientAD's hard-feature loss); all when None."""
+    if q is None:
+        return d.mean()
+    flat = d.flatten()
+    k = max(1, math.ceil((1.0 - q) * flat.numel() - 1e-6))  # 1 - 0.99 is 0.01000...009 in floating point
+    return flat.topk(k).values.mean()
+
+
 class KDModel(nn.Module):
     """Frozen teacher + student. Input: float RGB 0..255, NCHW, at ``image_size``."""
 
-    def __init__(self, teacher: Teacher, cfg: NetConfig, sspcab_lambda: float = 0.1):
+    def __init__(
+        self, teacher: Teacher, cfg: NetConfig, sspcab_lambda: float = 0.1, hard_quantile: float | None = None
+    ):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.teacher = teacher
         self.student = Student(cfg)
         self.sspcab_lambda = sspcab_lambda
+        self.hard_quantile = hard_quantile
         n = len(cfg.taps)
+        # per-channel mean / std of the teacher's features on the training images (distance "l2")
+        for i, c in enumerate(tap_channels(cfg.taps)):
+            self.register_buffer(f"feat_mean_{i}", torch.zeros(1, c, 1, 1))
+            self.register_buffer(f"feat_std_{i}", torch.ones(1, c, 1, 1))
         self.register_buffer("scale_mean", torch.zeros(n))
         self.register_buffer("scale_std", torch.ones(n))
         self.register_buffer("scale_weights", torch.tensor(cfg.scale_weights, dtype=torch.float32))
@@ -209,16 +240,28 @@ class KDModel(nn.Module):
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         xn = normalize_input(x)
         with torch.no_grad():
-            t_feats = self.teacher(xn)
+            t_feats = self.teacher_features(xn)
         s_feats, rec = self.student(xn)
         return t_feats, s_feats, rec
+
+    def teacher_features(self, xn: torch.Tensor) -> list[torch.Tensor]:
+        """The teacher's tapped features, standardised per channel when the distance is "l2"."""
+        return self.standardise(self.teacher(xn))
+
+    def standardise(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.cfg.distance == "cosine":
+            return feats
+        return [(f - getattr(self, f"feat_mean_{i}")) / getattr(self, f"feat_std_{i}") for i, f in enumerate(feats)]
+
+    def distance(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return cosine_distance(t, s) if self.cfg.distance == "cosine" else l2_distance(t, s)
 
     def scale_maps(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Raw per-scale discrepancy maps at the fusion size: list of (N, 1, h, w)."""
         size = (self.fuse_size, self.fuse_size)
         out = []
         for i, (t, s) in enumerate(zip(t_feats, s_feats, strict=True)):
-            d = cosine_distance(t, s).unsqueeze(1)
+            d = self.distance(t, s).unsqueeze(1)
             if tuple(d.shape[-2:]) != size:
                 r = getattr(self, f"resize_{i}")
                 d = resize_bilinear(d, r, r)
@@ -250,7 +293,11 @@ class KDModel(nn.Module):
     def kd_loss(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor:
         loss = 0
         for t, s in zip(t_feats, s_feats, strict=True):
-            loss = loss + cosine_distance(t, s).mean()
+            if self.cfg.distance == "cosine":
+                loss = loss + hard_mean(cosine_distance(t, s), self.hard_quantile)
+            else:
+                d = t - s
+                loss = loss + hard_mean(d * d, self.hard_quantile)
         return loss
 
     def forward(self, x: torch.Tensor):
@@ -281,3 +328,13 @@ class KDModel(nn.Module):
                 raise ValueError(msg)
             self.pos_mean.copy_(pm.view_as(self.pos_mean))
         self.pos_std.fill_(1.0 if pos_std is None else max(float(pos_std), 1e-8))
+
+    def set_feature_stats(self, mean: list[list[float]], std: list[list[float]]) -> None:
+        """Per-tap, per-channel mean / std of the teacher's features (distance "l2")."""
+        for i, (m, sd) in enumerate(zip(mean, std, strict=True)):
+            buf_m, buf_s = getattr(self, f"feat_mean_{i}"), getattr(self, f"feat_std_{i}")
+            if len(m) != buf_m.shape[1] or len(sd) != buf_s.shape[1]:
+                msg = f"feature statistics for tap {i} have {len(m)} channels, expected {buf_m.shape[1]}"
+                raise ValueError(msg)
+            buf_m.copy_(torch.tensor(m, dtype=torch.float32).view_as(buf_m))
+            buf_s.copy_(torch.tensor(sd, dtype=torch.float32).clamp_min(1e-6).view_as(buf_s))

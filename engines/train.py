@@ -59,6 +59,18 @@ class TrainConfig(BaseModel):
         description="expansion ratio of the student's MBConv blocks (6: the teacher's shape; 3: the speed setting, "
         "-24 % CPU latency, see the README)",
     )
+    distance: Literal["cosine", "l2"] = Field(
+        "l2",
+        description="per-scale discrepancy: cosine (direction of the feature vector) or l2 (squared difference of "
+        "the teacher's features standardised per channel on the training images: magnitude too)",
+    )
+    hard_quantile: float | None = Field(
+        0.999,
+        ge=0.0,
+        lt=1.0,
+        description="hard-feature mining: only distances at or above this quantile of each batch count in the loss "
+        "(EfficientAD uses 0.999; None: all)",
+    )
     scale_weights: list[float] | None = Field(None, description="per-tap weights in the fused map (None: equal)")
     blur_sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the fused map, input pixels")
     fuse_stride: Literal[1, 2, 4] = Field(4, description="fuse and smooth the maps at 1/N of the input size")
@@ -80,6 +92,7 @@ class TrainConfig(BaseModel):
             sspcab=self.sspcab,
             sspcab_after_block=self.sspcab_after_block,
             student_expand=self.student_expand,
+            distance=self.distance,
             blur_sigma=self.blur_sigma,
             fuse_stride=self.fuse_stride,
             score=self.score,
@@ -158,6 +171,37 @@ def predict(model: KDModel, images: np.ndarray, batch_size: int = 16) -> tuple[n
 
 
 @torch.no_grad()
+def compute_feature_stats(model: KDModel, images: np.ndarray, batch_size: int = 16) -> dict[str, Any]:
+    """Per-channel mean / std of the raw teacher features on the training images; sets them on the model."""
+    from engines.teacher import normalize_input
+
+    device = next(model.student.parameters()).device
+    s1: list[torch.Tensor] = []
+    s2: list[torch.Tensor] = []
+    count = 0
+    for i in range(0, len(images), batch_size):
+        feats = model.teacher(normalize_input(to_tensor(images[i : i + batch_size], device)))
+        for j, f in enumerate(feats):
+            f = f.double()
+            a, b = f.sum(dim=(0, 2, 3)), (f * f).sum(dim=(0, 2, 3))
+            if len(s1) <= j:
+                s1.append(a)
+                s2.append(b)
+            else:
+                s1[j] += a
+                s2[j] += b
+        count += len(feats[0])
+    mean, std = [], []
+    for j, f in enumerate(feats):
+        n = count * f.shape[2] * f.shape[3]
+        m = s1[j] / n
+        mean.append(m.float().cpu().tolist())
+        std.append((s2[j] / n - m * m).clamp_min(1e-12).sqrt().float().cpu().tolist())
+    model.set_feature_stats(mean, std)
+    return {"feature_mean": mean, "feature_std": std}
+
+
+@torch.no_grad()
 def compute_map_stats(model: KDModel, images: np.ndarray, batch_size: int = 16) -> dict[str, Any]:
     """Per-scale mean/std of the raw discrepancy maps on good images; sets them on the model."""
     model.eval()
@@ -231,6 +275,11 @@ def load_bundle_model(bundle: Path, device: str = "cpu", teacher_weights: Path |
         msg = f"{pt} could not be loaded as this bundle's student weights: {exc}"
         raise bundle_mod.BundleError(msg) from exc
     stats = meta["map_stats"]
+    if cfg.distance == "l2":
+        if "feature_mean" not in stats or "feature_std" not in stats:
+            msg = f"{bundle}/model.json uses distance l2 but has no map_stats.feature_mean/feature_std"
+            raise bundle_mod.BundleError(msg)
+        model.set_feature_stats(stats["feature_mean"], stats["feature_std"])
     model.set_scale_stats(stats["scale_mean"], stats["scale_std"], stats.get("pos_mean"), stats.get("pos_std"))
     return model.to(pick_device(device)).eval()
 
@@ -315,7 +364,8 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
 
     weights_path = cfg.teacher_weights or default_weights_path()
     teacher, teacher_sha = build_teacher(weights_path, net_cfg.taps)
-    model = KDModel(teacher, net_cfg, sspcab_lambda=cfg.sspcab_lambda).to(device)
+    model = KDModel(teacher, net_cfg, sspcab_lambda=cfg.sspcab_lambda, hard_quantile=cfg.hard_quantile).to(device)
+    feature_stats = compute_feature_stats(model, train_imgs) if net_cfg.distance == "l2" else {}
     params = [p for p in model.student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_imgs) / cfg.batch_size))
@@ -368,7 +418,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
         progress.close()
 
     model.student.load_state_dict(best_state)
-    stats = compute_map_stats(model, val_imgs)
+    stats = feature_stats | compute_map_stats(model, val_imgs)
     train_seconds = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
     buf = _state_bytes(model.student.state_dict())

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engines.model import bilinear_matrix, cosine_distance, resize_bilinear
+from engines.model import KDModel, NetConfig, bilinear_matrix, cosine_distance, resize_bilinear
 
 
 @pytest.mark.parametrize(("n_out", "n_in"), [(256, 64), (64, 32), (64, 16), (64, 64), (7, 3), (5, 9)])
@@ -58,3 +58,36 @@ def test_student_expand_is_the_teacher_shape_for_older_bundles():
     for bad in (0, 7):
         with pytest.raises(ValueError, match="student_expand"):
             NetConfig(student_expand=bad).validate()
+
+
+def test_l2_distance_and_hard_mining_by_hand():
+    from engines.model import hard_mean, l2_distance
+
+    t = torch.zeros(1, 2, 1, 3)
+    s = torch.tensor([[[[1.0, 0.0, 2.0]], [[1.0, 0.0, 0.0]]]])
+    torch.testing.assert_close(l2_distance(t, s), torch.tensor([[[1.0, 0.0, 2.0]]]))  # mean over 2 channels
+    d = torch.arange(1000, dtype=torch.float32)
+    assert float(hard_mean(d, None)) == pytest.approx(499.5)
+    assert float(hard_mean(d, 0.99)) == pytest.approx(994.5)  # the 10 largest of 1000
+    assert float(hard_mean(d, 0.999)) == 999.0
+
+
+def test_l2_map_sees_a_change_of_magnitude_that_cosine_cannot():
+    """A feature vector scaled by 3 has the same direction: cosine distance 0, standardised L2 > 0."""
+    from engines.teacher import build_teacher
+
+    teacher, _ = build_teacher(None, (2, 4, 10))
+    cfg = NetConfig(image_size=64, distance="l2")
+    model = KDModel(teacher, cfg).eval()
+    t = [torch.randn(1, c, 4, 4) for c in (24, 40, 112)]
+    model.set_feature_stats([[0.0] * 24, [0.0] * 40, [0.0] * 112], [[2.0] * 24, [2.0] * 40, [2.0] * 112])
+    std = model.standardise(t)
+    torch.testing.assert_close(std[1], t[1] / 2)
+    scaled = [3 * x for x in std]
+    for a, b in zip(std, scaled, strict=True):
+        assert float(cosine_distance(a, b).abs().max()) < 1e-5
+        assert float(model.distance(a, b).min()) > 0
+    with pytest.raises(ValueError, match="tap 0 have 3 channels, expected 24"):
+        model.set_feature_stats([[0.0] * 3, [0.0] * 40, [0.0] * 112], [[1.0] * 3, [1.0] * 40, [1.0] * 112])
+    with pytest.raises(ValueError, match="distance must be 'cosine' or 'l2'"):
+        NetConfig(distance="l1").validate()

@@ -53,8 +53,13 @@ def test_int8_runtime_separates_defects_like_f32(quantized: Path, synthetic_root
     assert s8.dtype == np.float32 and s8.shape == s32.shape
     assert not np.array_equal(s8, s32), "int8 is a different model, not the f32 one under another name"
     # int8 moves the scores (measured on real data in benchmarks/backend_accuracy.py) but keeps
-    # their order: defective parts still score above good ones
-    assert np.corrcoef(s8, s32)[0, 1] > 0.9
+    # their order: defective parts still score above good ones. With the standardised-L2 map the
+    # scores move more than with the cosine map (correlation 0.85 here against > 0.9 before), so
+    # the check is on what decides a part: int8 separates the defects exactly as f32 does.
+    from engines.metrics import auroc
+
+    assert auroc(defect, s8) >= auroc(defect, s32) - 0.02
+    assert np.corrcoef(s8, s32)[0, 1] > 0.8
     assert s8[defect].mean() > s8[~defect].mean() + 0.5 * s8[~defect].std()
 
 

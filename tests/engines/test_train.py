@@ -129,3 +129,35 @@ def test_bundles_from_before_student_expand_still_load(tmp_path: Path, synthetic
     assert TrainConfig().student_expand == 6
     with pytest.raises(ValueError, match="student_expand"):
         TrainConfig(student_expand=7)
+
+
+def test_the_default_network_standardises_the_teacher_and_mines_hard_features(trained_bundle: Path):
+    meta = bundle_mod.read_meta(trained_bundle)
+    assert meta["net"]["distance"] == "l2" and meta["training"]["config"]["hard_quantile"] == 0.999
+    stats = meta["map_stats"]
+    assert [len(m) for m in stats["feature_mean"]] == [24, 40, 112]
+    assert all(s > 0 for tap in stats["feature_std"] for s in tap)
+    model = load_bundle_model(trained_bundle)
+    assert float(model.feat_std_2.min()) > 0 and model.cfg.distance == "l2"
+
+
+def test_bundles_from_before_the_l2_distance_load_as_cosine(tmp_path: Path, synthetic_root: Path):
+    """A model.json without ``distance`` was trained with cosine maps: it must rebuild them."""
+    cfg = TrainConfig(
+        image_size=64, epochs=1, max_train_images=4, num_threads=1, device="cpu", distance="cosine", hard_quantile=None
+    )
+    train(synthetic_root, tmp_path / "old", cfg, quiet=True)
+    meta_path = tmp_path / "old" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["net"].pop("distance") == "cosine" and "feature_mean" not in meta["map_stats"]
+    meta_path.write_text(json.dumps(meta))
+    model = load_bundle_model(tmp_path / "old")
+    assert model.cfg.distance == "cosine"
+    # an l2 bundle that lost its feature statistics is refused with a clear message
+    cfg = TrainConfig(image_size=64, epochs=1, max_train_images=4, num_threads=1, device="cpu")
+    train(synthetic_root, tmp_path / "new", cfg, quiet=True)
+    meta = json.loads((tmp_path / "new" / "model.json").read_text())
+    del meta["map_stats"]["feature_mean"]
+    (tmp_path / "new" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(bundle_mod.BundleError, match=r"distance l2 but has no map_stats\.feature_mean"):
+        load_bundle_model(tmp_path / "new")

@@ -1,0 +1,100 @@
+"""The plant metric, evaluation without masks, and the PatchCore peer, each on a hand-checked case."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engines.data import eval_items
+from engines.evaluate import evaluate, mask_notes, metric_rows, plant_metric
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+
+
+def test_plant_metric_by_hand():
+    # 300 held-out good scores 0..299: the order-statistic rule at alpha 1 % (95 %) needs >= 299
+    cal = np.arange(300, dtype=float)
+    from calibration.stats import image_threshold
+
+    thr = image_threshold(cal, 0.01, 0.95).threshold
+    assert thr == 299.0  # k = 1: the largest good score is the threshold
+    test = np.array([10, 299, 300, 5, 298.9, 1000, 299.5])
+    kinds = ["good", "good", "good", "crack", "crack", "blowhole", "blowhole"]
+    pm = plant_metric(cal, test, kinds, alpha=0.01)
+    assert pm.method == "order_statistic" and pm.threshold == 299.0 and pm.n_calibration == 300
+    assert pm.frr == pytest.approx(2 / 3), "score >= threshold is a reject, as the service decides"
+    assert pm.caught == pytest.approx(2 / 4)
+    assert pm.caught_per_defect == {"blowhole": 1.0, "crack": 0.0}
+    with pytest.raises(ValueError, match="good and defective"):
+        plant_metric(cal, test[:3], kinds[:3])
+
+
+def test_evaluation_without_masks_reports_image_metrics_and_says_what_is_missing(tmp_path, synthetic_root):
+    root = tmp_path / "parts"
+    shutil.copytree(synthetic_root, root)
+    masks = sorted((root / "ground_truth").rglob("*_mask.png"))
+    masks[0].unlink()
+    items = eval_items(root)
+    assert sum(it.mask_missing for it in items) == 1
+    assert "1 of" in mask_notes(items)[0] and masks[0].stem.replace("_mask", "") in mask_notes(items)[0]
+
+    def score(imgs):  # a perfect detector: brightness of the defect is not needed, the label is
+        return np.zeros((len(imgs), 64, 64), np.float32), np.zeros(len(imgs), np.float32)
+
+    shutil.rmtree(root / "ground_truth")
+    items = eval_items(root)
+    assert all(it.mask_missing for it in items if it.is_defect)
+    with pytest.raises(ValueError, match="missing ground-truth mask"):
+        eval_items(root, require_masks=True)
+    res = evaluate(root, 64, score)
+    overall = res["rows"][-1]
+    assert np.isnan(overall["pixel_auroc"]) and np.isnan(overall["au_pro"]) and overall["n_masked"] == 0
+    assert overall["image_auroc"] == 0.5
+    assert "pixel AUROC and AU-PRO are not available" in res["notes"][0]
+
+
+def test_metric_rows_count_only_masked_defects_in_pixel_metrics():
+    from engines.data import EvalItem
+
+    items = [
+        EvalItem(Path("g"), "good", None),
+        EvalItem(Path("a"), "hole", Path("m")),
+        EvalItem(Path("b"), "hole", None, True),
+    ]
+    maps = np.zeros((3, 2, 2), np.float32)
+    maps[1, 0, 0] = 5.0  # the masked defect's pixel is found
+    maps[2] = 9.0  # an unmasked defect: its hot pixels must not count as false positives
+    masks = np.zeros((3, 2, 2), bool)
+    masks[1, 0, 0] = True
+    rows = metric_rows(items, maps, np.array([0.0, 1.0, 2.0]), masks)
+    assert rows[-1]["pixel_auroc"] == 1.0 and rows[-1]["n_masked"] == 1 and rows[-1]["image_auroc"] == 1.0
+
+
+def test_patchcore_peer_by_hand():
+    from patchcore import PatchCore, PatchCoreConfig, greedy_coreset, nearest
+
+    # k-center greedy on 5 points on a line, from the seeded first point: each next is the farthest
+    pts = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0]])
+    idx = greedy_coreset(pts, 3, proj_dim=None, seed=0)
+    first = int(idx[0])
+    far = 0 if first >= 3 else 4  # the farthest from the first
+    assert int(idx[1]) == far and len(set(idx.tolist())) == 3
+    d, j = nearest(torch.tensor([[1.4], [10.2]]), pts, k=2)
+    torch.testing.assert_close(d, torch.tensor([[0.4, 0.6], [0.2, 0.8]]), atol=1e-4, rtol=0)
+    assert j.tolist() == [[1, 2], [3, 4]]
+    # on synthetic parts it separates the defects
+    from engines.synthetic import render
+
+    rng = np.random.default_rng(0)
+    good = np.stack([render(rng, 64, None)[0] for _ in range(8)])
+    bad = np.stack([render(rng, 64, d)[0] for d in ("scratch", "spot", "dent", "scratch")])
+    pc = PatchCore(PatchCoreConfig(image_size=64, coreset_ratio=0.25, batch_size=4)).fit(good)
+    assert pc.bank.shape[1] == 40 + 112 and len(pc.bank) == round(0.25 * 8 * 8 * 8)
+    maps, scores = pc.predict(np.concatenate([good[:4], bad]))
+    assert maps.shape == (8, 64, 64)
+    assert scores[4:].min() > scores[:4].max()
