@@ -217,7 +217,7 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=HERE / "results" / "e2e.json")
     args = ap.parse_args()
 
-    from latency import ensure_bundle
+    from latency import ensure_bundle, is_default, model_label
 
     bundle = ensure_bundle(args.bundle, args.size)
     work = Path(tempfile.mkdtemp(prefix="lineinspect-e2e-"))
@@ -239,6 +239,8 @@ def main() -> int:
             "grab_timeout_ms": 500,
         }
         rows.append(run_case(bench, "pylon", pylon_cam, args.pylon_frames, 120))
+        for r in rows:
+            r["model"], r["default"] = model_label(bundle), is_default(bundle, args.size)
     finally:
         broker.terminate()
         broker.wait(10)

@@ -10,8 +10,10 @@ timed in alternating rounds (see ``interleaved``); several bundles (e.g. two tap
 timed side by side the same way. Also the peak resident memory of a
 separate process that loads the bundle and runs the ONNX Runtime backend (torch not imported).
 Writes benchmarks/results/latency.json (rows: backend, device, batch, median_ms, p99_ms,
-images_per_s, peak_rss_mb, machine, model). Without --bundle, a 1-epoch model is trained on synthetic
-parts and exported (latency does not depend on the weights).
+images_per_s, peak_rss_mb, machine, model, default). Without --bundle, two 1-epoch models are trained
+on synthetic parts and exported (latency does not depend on the weights): the network `lineinspect
+train` ships now ("default": true) and the previous default (cosine maps, no hard-feature mining),
+timed side by side.
 """
 
 from __future__ import annotations
@@ -46,7 +48,11 @@ print(int(hwm.split()[1]) / 1024.0)
 """
 
 
-def ensure_bundle(path: Path | None, size: int) -> Path:
+# the network that was the default before the standardised-L2 distance (stop 11)
+PREVIOUS_DEFAULT = {"distance": "cosine", "hard_quantile": None}
+
+
+def ensure_bundle(path: Path | None, size: int, overrides: dict | None = None, name: str = "default") -> Path:
     if path is not None:
         meta = json.loads((path / "model.json").read_text())
         if not meta.get("onnx"):
@@ -56,11 +62,12 @@ def ensure_bundle(path: Path | None, size: int) -> Path:
         return path
     from engines.train import TrainConfig, train
 
-    work = HERE.parent / "runs" / f"latency-bundle-{size}"
+    cfg = TrainConfig(image_size=size, epochs=1, num_threads=2, **(overrides or {}))
+    work = HERE.parent / "runs" / f"latency-bundle-{name}-{size}"
     if (work / "model.json").is_file():
         cached = json.loads((work / "model.json").read_text())
-        # reuse it only while it still is the default network (a changed default retrains it)
-        if cached.get("onnx") and cached.get("net") == TrainConfig(image_size=size).net_config().to_json():
+        # reuse it only while it still is the network asked for (a changed default retrains it)
+        if cached.get("onnx") and cached.get("net") == cfg.net_config().to_json():
             return work
     from engines.export import export_bundle
     from engines.synthetic import make_dataset
@@ -68,7 +75,7 @@ def ensure_bundle(path: Path | None, size: int) -> Path:
     data = make_dataset(
         HERE.parent / "runs" / "latency-data", n_train=16, n_test_good=2, n_test_per_defect=1, size=size
     )
-    train(data, work, TrainConfig(image_size=size, epochs=1, num_threads=2), quiet=True)
+    train(data, work, cfg, quiet=True)
     export_bundle(work)
     return work
 
@@ -134,7 +141,15 @@ def run_isolated(args, bundles: list[Path], backends: list[str]) -> list[dict]:
 def model_label(bundle: Path) -> str:
     net = json.loads((bundle / "model.json").read_text())["net"]
     taps = ",".join(str(t) for t in net["taps"])
-    return f"{bundle.name} (taps {taps}, student x{net.get('student_expand', 6)})"
+    return f"{bundle.name} (taps {taps}, student x{net.get('student_expand', 6)}, {net.get('distance', 'cosine')})"
+
+
+def is_default(bundle: Path, size: int) -> bool:
+    """True when the bundle's network is the one ``lineinspect train`` ships."""
+    from engines.train import TrainConfig
+
+    net = json.loads((bundle / "model.json").read_text())["net"]
+    return net == TrainConfig(image_size=size).net_config().to_json()
 
 
 def main() -> int:
@@ -151,7 +166,10 @@ def main() -> int:
 
     from engines.runtime import load_runtime
 
-    bundles = [ensure_bundle(b, args.size) for b in (args.bundle or [None])]
+    if args.bundle:
+        bundles = [ensure_bundle(b, args.size) for b in args.bundle]
+    else:
+        bundles = [ensure_bundle(None, args.size), ensure_bundle(None, args.size, PREVIOUS_DEFAULT, "previous")]
     machine = machine_name()
     candidates: list[tuple[str, dict, list[int]]] = [
         ("torch", {"device": "cpu", "threads": args.threads}, [1, 8]),
@@ -220,6 +238,7 @@ def main() -> int:
                     else None,
                     "machine": machine,
                     "model": model_label(bundle),
+                    "default": is_default(bundle, args.size),
                 }
             )
             print(f"  {backend:<12} {rt.device:<40} b{b:<3} median {med:7.2f} ms  p99 {p99:7.2f} ms", flush=True)
