@@ -235,6 +235,12 @@ def listener_factory():
 @pytest.fixture(scope="session")
 def calibrated(tmp_path_factory, exported_bundle, synthetic_root) -> dict:
     """The exported tiny bundle + a calibration file made from its scores on good parts."""
+    return make_calibration(exported_bundle, synthetic_root, tmp_path_factory.mktemp("cal"))
+
+
+def make_calibration(exported_bundle: Path, synthetic_root: Path, out_dir: Path) -> dict:
+    """A calibration for ``exported_bundle`` from its scores on the synthetic good parts (plain function:
+    benchmarks/faults.py uses it too)."""
     from calibration.calibfile import Calibration, save_calibration
     from engines.bundle import read_meta, utc_now
     from engines.data import eval_items, preprocess
@@ -257,16 +263,19 @@ def calibrated(tmp_path_factory, exported_bundle, synthetic_root) -> dict:
         samples={"n_good": len(good)},
         created_at=utc_now(),
     )
-    path = save_calibration(cal, tmp_path_factory.mktemp("cal") / "calibration.yaml")
+    path = save_calibration(cal, out_dir / "calibration.yaml")
     return {"bundle": exported_bundle, "calibration": path, "cal": cal}
 
 
 @pytest.fixture(scope="session")
 def part_images(tmp_path_factory, synthetic_root) -> Path:
     """A folder of 12 camera images (6 good, 6 defective), named in order, as a line camera would see."""
+    return make_part_images(synthetic_root, tmp_path_factory.mktemp("parts"))
+
+
+def make_part_images(synthetic_root: Path, out: Path) -> Path:
     from engines.data import eval_items
 
-    out = tmp_path_factory.mktemp("parts")
     items = eval_items(synthetic_root)
     good = [it for it in items if not it.is_defect][:6]
     bad = [it for it in items if it.is_defect][:6]
