@@ -204,12 +204,12 @@ class Service:
         self.limits = HealthLimits(h.heartbeat_max_age_s, h.stall_s, h.restart_after_s, h.store_restart_after_s)
         self._sink_lock = threading.Lock()
         self._opened: list[Any] = []  # closed in reverse order by shutdown() or a failed start
+        self.ok_counter = 0
         try:
             self._open_parts()
         except BaseException:
             self._close_opened()
             raise
-        self.ok_counter = 0
 
     def _open_parts(self) -> None:
         cfg = self.cfg

@@ -300,3 +300,28 @@ def test_small_truths(tmp_path, broker, listener_factory, calibrated, part_image
             svc.shutdown()
     doubled = [r.getMessage() for r in caplog.records if "[gone] [gone]" in r.getMessage()]
     assert not doubled
+
+
+def test_a_part_that_fails_to_open_closes_the_parts_opened_before_it(tmp_path, broker, calibrated, part_images):
+    import socket
+
+    from edge_app.service import StartupError
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    cfg = write_config(
+        tmp_path / "c.yaml", calibrated, broker, tmp_path, [folder_camera(part_images)], metrics={"port": port}
+    )
+
+    def open_log_fds() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if "log.sqlite" in str(fd.resolve(strict=False)))
+
+    try:
+        with pytest.raises(StartupError, match=f"metrics: cannot listen on 127.0.0.1:{port}"):
+            Service(load_config(cfg), cfg)
+        assert open_log_fds() == 0, "the decision log opened before the metrics server was closed again"
+    finally:
+        busy.close()
