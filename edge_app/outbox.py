@@ -68,7 +68,14 @@ def _row(u: _Unstored) -> Row:
 
 
 class Outbox:
-    def __init__(self, db: DecisionLog, metrics=None):
+    # at most this many verdicts wait in memory for the log; past it the oldest ones the broker has
+    # already acknowledged are dropped from memory (the PLC has them; only their log row is lost,
+    # counted in unlogged_delivered_total). Undelivered verdicts are never dropped.
+    MAX_WAITING = 100_000
+
+    def __init__(self, db: DecisionLog, metrics=None, max_waiting: int = MAX_WAITING):
+        self.max_waiting = max_waiting
+        self.unlogged_delivered = 0
         self.db = db
         self.metrics = metrics
         self.lock = threading.RLock()
@@ -88,7 +95,28 @@ class Outbox:
             self.unstored.append(u)
             self._by_key.setdefault(v.key, u)
             self.flush()
+            if len(self.unstored) > self.max_waiting:
+                self._drop_delivered(len(self.unstored) - self.max_waiting)
             return u.stored
+
+    def _drop_delivered(self, n: int) -> None:
+        keep: collections.deque[_Unstored] = collections.deque()
+        dropped = 0
+        for u in self.unstored:
+            if dropped < n and u.delivered_at is not None:
+                dropped += 1
+                if self._by_key.get(u.verdict.key) is u:
+                    del self._by_key[u.verdict.key]
+            else:
+                keep.append(u)
+        self.unstored = keep
+        if dropped:
+            self.unlogged_delivered += dropped
+            log.error(
+                "%d delivered verdict(s) dropped from memory without a log row: the log is still not writable", dropped
+            )
+            if self.metrics:
+                self.metrics.inc("unlogged_delivered_total", dropped)
 
     def flush(self) -> None:
         """Write waiting verdicts and delivery marks, oldest first, until the log refuses one."""

@@ -175,6 +175,8 @@ class Publisher:
         """A lost connection's client is dropped with whatever it still holds; a new one connects."""
         old = self.client
         with contextlib.suppress(Exception):
+            old.disconnect()
+        with contextlib.suppress(Exception):
             old.loop_stop()
         with self.cond:
             self._lost = False
@@ -210,6 +212,7 @@ class Publisher:
         client.subscribe(f"{self.base}/cmd/+", qos=1)
         client.publish(f"{self.base}/status", json.dumps(self._status(self.state)), qos=1, retain=True)
         with self.cond:
+            self._lost = False  # paho's own retry of a first connection came through: keep this client
             self.connected = True
             self.connected_since = time.time()
             self.last_delivery = time.monotonic()
@@ -259,6 +262,8 @@ class Publisher:
             key = self.inflight.pop(mid, None)
             if key is None:
                 self.early_acks.add(mid)  # acked before publish() returned its mid to us
+            else:
+                self.sent.discard(key)  # delivered: nothing will offer it again (bounded set)
             self.cond.notify_all()
         if key is not None:
             self._delivered(key)
@@ -366,6 +371,7 @@ class Publisher:
             acked = info.mid in self.early_acks
             if acked:
                 self.early_acks.discard(info.mid)
+                self.sent.discard(row.key)
             else:
                 self.inflight[info.mid] = row.key
         self.outbox.mark_published(row.key, now)

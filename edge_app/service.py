@@ -64,6 +64,9 @@ def _describe_metrics(m: Metrics) -> None:
     )
     m.describe("store_rejected_total", "counter", "verdicts that can never be logged (duplicate key), set aside")
     m.describe("store_unstored", "gauge", "verdicts waiting in memory for a writable decision log")
+    m.describe(
+        "unlogged_delivered_total", "counter", "delivered verdicts dropped from memory while the log stayed unwritable"
+    )
     m.describe("triggers_unrecorded_total", "counter", "triggers that could not be made durable before inspection")
     m.describe("archive_dropped_total", "counter", "images not archived (queue full or disk error)")
     m.describe("thread_errors_total", "counter", "unexpected exceptions caught in a service thread")
@@ -77,6 +80,7 @@ def _describe_metrics(m: Metrics) -> None:
         "store_errors_total",
         "store_rejected_total",
         "triggers_unrecorded_total",
+        "unlogged_delivered_total",
         "archive_dropped_total",
         "mqtt_connect_failures_total",
     ):

@@ -146,3 +146,17 @@ def test_the_verdict_table_keeps_its_schema(tmp_path: Path):
     db.insert(verdict(1))
     cols = [r[1] for r in sqlite3.connect(tmp_path / "log.sqlite").execute("PRAGMA table_info(verdicts)")]
     assert cols[:3] == ["id", "key", "station"] and "delivered_at" in cols
+
+
+def test_memory_never_drops_an_undelivered_verdict(tmp_path: Path):
+    db = DecisionLog(tmp_path / "log.sqlite")
+    box = Outbox(db, max_waiting=5)
+    db.db.execute("PRAGMA query_only = 1")  # nothing can be written (as a read-only remount)
+    for seq in range(1, 9):
+        box.add(verdict(seq))
+    assert box.waiting() == 8, "undelivered verdicts are kept past the cap"
+    for seq in (1, 2, 3, 4):
+        box.mark_delivered(f"S1/cam1/{seq}/{seq}", time.time())
+    box.add(verdict(9))
+    assert box.unlogged_delivered == 4 and box.waiting() == 5
+    assert [r.seq for r in box.pending(0, 100, set())] == [5, 6, 7, 8, 9]

@@ -315,9 +315,11 @@ def test_a_part_that_fails_to_open_closes_the_parts_opened_before_it(tmp_path, b
         tmp_path / "c.yaml", calibrated, broker, tmp_path, [folder_camera(part_images)], metrics={"port": port}
     )
 
+    db = str(tmp_path / "log.sqlite")
+
     def open_log_fds() -> int:
         fds = Path("/proc/self/fd")
-        return sum(1 for fd in fds.iterdir() if "log.sqlite" in str(fd.resolve(strict=False)))
+        return sum(1 for fd in fds.iterdir() if str(fd.resolve(strict=False)).startswith(db))
 
     try:
         with pytest.raises(StartupError, match=f"metrics: cannot listen on 127.0.0.1:{port}"):
