@@ -235,9 +235,13 @@ def main_evaluate(args) -> int:
         size = bundle_mod.input_size(meta)
         score_fn = _score_fn(args, meta)
         out = Path(args.out) if args.out else Path(args.bundle) / "eval"
-        result = evaluate(
-            Path(args.data), size, score_fn, out, n_overlays=args.overlays, calibration_images=held_out_goods(meta)
-        )
+        held_out = held_out_goods(meta)
+        result = evaluate(Path(args.data), size, score_fn, out, n_overlays=args.overlays, calibration_images=held_out)
+        if held_out is None:
+            result["notes"].append(
+                "plant metric not available: the good images this bundle's training held out are not on disk "
+                f"(training data: {meta.get('training', {}).get('data')})"
+            )
     except (DatasetError, bundle_mod.BundleError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -267,7 +271,7 @@ def held_out_goods(meta: dict) -> list[Path] | None:
 
 def format_plant(plant: dict | None) -> str:
     if plant is None:
-        return "plant metric: not available (the bundle's held-out good training images are not on disk)"
+        return "plant metric: not available"
     per = ", ".join(f"{k} {v:.1%}" for k, v in plant["caught_per_defect"].items())
     return (
         f"at a {plant['alpha']:.0%} false-reject target (threshold {plant['threshold']:.4g} from "
