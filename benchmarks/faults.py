@@ -71,12 +71,9 @@ class Plc:
 
 
 def _until(cond, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return bool(cond())
+    from tests.edge_app.conftest import until
+
+    return until(cond, timeout)
 
 
 def _fixtures(work: Path) -> tuple[dict, Path]:
@@ -189,32 +186,14 @@ class Scenario:
 
 
 # --- scenarios ------------------------------------------------------------------------------------
-def broker_outage(sc: Scenario) -> None:
-    """Broker killed mid-run for a few seconds, then back."""
-    svc = sc.service(sc.config([sc.camera(rate_hz=20, loop=True)]))
-    try:
-        time.sleep(sc.seconds / 3)
-        t_down = sc.broker_down()
-        time.sleep(sc.seconds / 3)
-        sc.broker_up(t_down)
-        t_clear = time.monotonic()
-        time.sleep(sc.seconds / 3)
-        svc.stop_capture.set()
-        sc.recovered(svc, t_clear)
-    finally:
-        svc.shutdown(drain_timeout_s=20)
-
-
-def broker_frozen(sc: Scenario) -> None:
-    """SIGSTOP the broker (connection up, no acks), then SIGCONT."""
-    cfg = sc.config([sc.camera(rate_hz=20, loop=True)], health={"stall_s": 1.0, "restart_after_s": 2.0})
+def _fault_in_the_middle(sc: Scenario, cfg: Path, fault, clear) -> None:
+    """A third of the time running, a third with the fault, a third after it cleared."""
     svc = sc.service(cfg)
     try:
         time.sleep(sc.seconds / 3)
-        sc.broker.proc.send_signal(signal.SIGSTOP)
-        t0 = time.time()
+        t0 = fault()
         time.sleep(sc.seconds / 3)
-        sc.broker.proc.send_signal(signal.SIGCONT)
+        clear()
         sc.down.append((t0, time.time()))
         t_clear = time.monotonic()
         time.sleep(sc.seconds / 3)
@@ -222,6 +201,22 @@ def broker_frozen(sc: Scenario) -> None:
         sc.recovered(svc, t_clear)
     finally:
         svc.shutdown(drain_timeout_s=20)
+
+
+def broker_outage(sc: Scenario) -> None:
+    """Broker stopped mid-run for a few seconds, then back."""
+    _fault_in_the_middle(sc, sc.config([sc.camera(rate_hz=20, loop=True)]), sc.broker_down, sc.broker.start)
+
+
+def broker_frozen(sc: Scenario) -> None:
+    """SIGSTOP the broker (connection up, no acks), then SIGCONT."""
+
+    def freeze() -> float:
+        sc.broker.proc.send_signal(signal.SIGSTOP)
+        return time.time()
+
+    cfg = sc.config([sc.camera(rate_hz=20, loop=True)], health={"stall_s": 1.0, "restart_after_s": 2.0})
+    _fault_in_the_middle(sc, cfg, freeze, lambda: sc.broker.proc.send_signal(signal.SIGCONT))
 
 
 def sigkill_queued(sc: Scenario) -> None:

@@ -285,6 +285,16 @@ def make_part_images(synthetic_root: Path, out: Path) -> Path:
     return out
 
 
+def until(cond, timeout: float = 30.0) -> bool:
+    """Poll ``cond`` every 50 ms until it holds or ``timeout`` s pass; its last value."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return bool(cond())
+
+
 def write_config(
     path: Path, calibrated: dict, broker: Broker | None, tmp: Path, cameras: list[dict], **sections
 ) -> Path:

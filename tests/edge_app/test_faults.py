@@ -19,19 +19,10 @@ import pytest
 
 from edge_app.config import load_config
 from edge_app.service import Service
-from tests.edge_app.conftest import write_config
+from tests.edge_app.conftest import until, write_config
 from tests.edge_app.test_service import BASE, folder_camera, run_until, start_service
 
 ROOT = Path(__file__).parents[2]
-
-
-def run_until_true(cond, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return bool(cond())
 
 
 def metrics_text(svc: Service) -> str:
@@ -139,7 +130,7 @@ def test_sigkill_with_frames_queued_loses_no_trigger_and_reuses_no_seq(
         if proc.poll() is None:
             proc.kill()
     # the broker sends the last will at once: it says what happened and carries no made-up time
-    assert run_until_true(lambda: status.on("/status") and status.on("/status")[-1]["state"] == "offline", 10)
+    assert until(lambda: status.on("/status") and status.on("/status")[-1]["state"] == "offline", 10)
     will = status.on("/status")[-1]
     assert "t" not in will and "last will" in will["reason"] and will["t_connected"] > 0
     con = sqlite3.connect(db)

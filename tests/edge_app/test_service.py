@@ -18,7 +18,7 @@ import pytest
 
 from edge_app.config import load_config
 from edge_app.service import Service, StartupError
-from tests.edge_app.conftest import write_config
+from tests.edge_app.conftest import until, write_config
 
 BASE = "test/L1/S1"
 
@@ -30,12 +30,7 @@ def start_service(cfg_path: Path) -> Service:
 
 
 def run_until(svc: Service, cond, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
+    return until(cond, timeout)
 
 
 def folder_camera(path: Path, **kw) -> dict:
