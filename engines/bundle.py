@@ -14,9 +14,12 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
@@ -66,6 +69,114 @@ def write_meta(bundle: Path, meta: dict[str, Any]) -> Path:
 _REQUIRED = ("format_version", "input", "normalization", "teacher", "net", "map_stats")
 
 
+# --- the typed manifest -------------------------------------------------------------------------
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow")  # sections may carry more than the loaders need
+
+
+class InputSpec(_Section):
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: int = 3
+
+
+class Normalization(_Section):
+    mean: float
+    std: float = Field(gt=0)
+
+
+class TeacherSpec(_Section):
+    name: str
+    weights_sha256: str = Field(min_length=64, max_length=64)
+    taps: list[int]
+
+
+class MapStats(_Section):
+    scale_mean: list[float]
+    scale_std: list[float]
+    feature_mean: list[list[float]] | None = None  # distance l2: per tap, per channel
+    feature_std: list[list[float]] | None = None
+
+
+class Manifest(_Section):
+    """``model.json`` as the loaders read it (the writers add sections: training, parity, ...)."""
+
+    format_version: int = Field(ge=1)
+    input: InputSpec
+    normalization: Normalization
+    teacher: TeacherSpec
+    net: dict[str, Any]
+    map_stats: MapStats
+    onnx: dict[str, Any] | None = None
+    onnx_fp16: dict[str, Any] | None = None
+    openvino_int8: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ArtifactKind:
+    """A file set that model.json records: each file with its sha256, and for a derived artifact the
+    ONNX export it was made from."""
+
+    key: str  # its section in model.json
+    what: str  # in messages
+    files: tuple[tuple[str, str], ...]  # (field naming the file, field holding its sha256)
+    made_from: str | None  # derived from model.onnx ("quantised from"): stale once the model is exported again
+    redo: str  # the command that makes it ({bundle} is filled in)
+
+
+ARTIFACTS = {
+    "onnx": ArtifactKind("onnx", "exported graph", (("file", "sha256"),), None, "lineinspect export --bundle {bundle}"),
+    "onnx_fp16": ArtifactKind(
+        "onnx_fp16",
+        "fp16 graph",
+        (("file", "sha256"),),
+        "exported with",
+        "lineinspect export --bundle {bundle} --fp16-graph",
+    ),
+    "openvino_int8": ArtifactKind(
+        "openvino_int8",
+        "int8 model",
+        (("xml", "xml_sha256"), ("bin", "bin_sha256")),
+        "quantised from",
+        "lineinspect quantize --bundle {bundle}",
+    ),
+}
+
+
+class ArtifactError(BundleError):
+    """An artifact model.json names is absent, missing on disk, corrupt or from another export."""
+
+
+def artifact_files(bundle: Path, meta: dict[str, Any], key: str, verify_sha: bool = True) -> list[Path]:
+    """The one check every runtime uses before it loads a file of the bundle: recorded in model.json,
+    present, matching its sha256, and (for a derived artifact) made from the current ONNX export."""
+    kind = ARTIFACTS[key]
+    redo = kind.redo.format(bundle=bundle)
+    info = meta.get(key)
+    if not info:
+        msg = f"{bundle} has no {kind.what}: run '{redo}' first"
+        raise ArtifactError(msg)
+    if kind.made_from and info.get("for_onnx_sha256") != (meta.get("onnx") or {}).get("sha256"):
+        msg = f"the {kind.what} in {bundle} was {kind.made_from} another export of the model; run '{redo}' again"
+        raise ArtifactError(msg)
+    paths = []
+    for name_field, sha_field in kind.files:
+        path = Path(bundle) / info.get(name_field, MODEL_ONNX if key == "onnx" else "")
+        if not path.is_file():
+            msg = f"{path} is missing; re-run '{redo}'"
+            raise ArtifactError(msg)
+        if verify_sha:
+            sha = sha256_file(path)
+            if sha != info.get(sha_field):
+                msg = (
+                    f"{path} does not match model.json (sha256 {sha[:12]}... != {str(info.get(sha_field))[:12]}...): "
+                    f"the file is corrupt, truncated or from another export; re-run '{redo}'"
+                )
+                raise ArtifactError(msg)
+        paths.append(path)
+    return paths
+
+
 def read_meta(bundle: Path) -> dict[str, Any]:
     """Read and check ``model.json``: clear errors for a missing, corrupt or too-new file."""
     bundle = Path(bundle)
@@ -104,7 +215,19 @@ def read_meta(bundle: Path) -> dict[str, Any]:
         if not isinstance(vals, list) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
             msg = f"{path}: map_stats.{key} must be a list of finite numbers (computed at the end of training)"
             raise BundleError(msg)
+    try:
+        Manifest.model_validate(meta)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = f"{path}: {where}: {err['msg']} (got {err.get('input')!r}); re-train or re-export the bundle"
+        raise BundleError(msg) from exc
     return meta
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    """``read_meta`` as a typed record (for readers; writers still edit the dict and ``write_meta`` it)."""
+    return Manifest.model_validate(read_meta(bundle))
 
 
 def input_size(meta: dict[str, Any]) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from engines import bundle as bundle_mod
-from engines.runtime.base import ModelFileError, onnx_path_checked
+from engines.runtime.base import ModelFileError, artifact_checked, onnx_path_checked
 
 log = logging.getLogger(__name__)
 
@@ -179,24 +179,13 @@ def quantize_bundle(bundle: Path, images_dir: Path | None = None, n_images: int 
 
 def int8_paths_checked(bundle: Path, meta: dict[str, Any], verify_sha: bool = True) -> Path:
     """The int8 IR's .xml, checked against model.json and against the current ONNX export."""
-    info = meta.get("openvino_int8")
-    redo = f"run 'lineinspect quantize --bundle {bundle}'"
-    if not info:
-        msg = f"{bundle} has no int8 model: {redo} first (it needs nncf: pip install 'lineinspect[int8]')"
+    if not meta.get("openvino_int8"):
+        msg = (
+            f"{bundle} has no int8 model: run 'lineinspect quantize --bundle {bundle}' first "
+            "(it needs nncf: pip install 'lineinspect[int8]')"
+        )
         raise ModelFileError(msg)
-    onnx_sha = (meta.get("onnx") or {}).get("sha256")
-    if info.get("for_onnx_sha256") != onnx_sha:
-        msg = f"the int8 model in {bundle} was quantised from another export of the model; {redo} again"
-        raise ModelFileError(msg)
-    xml, bin_ = Path(bundle) / info["xml"], Path(bundle) / info["bin"]
-    for path, key in ((xml, "xml_sha256"), (bin_, "bin_sha256")):
-        if not path.is_file():
-            msg = f"{path} is missing; {redo}"
-            raise ModelFileError(msg)
-        if verify_sha and bundle_mod.sha256_file(path) != info.get(key):
-            msg = f"{path} does not match model.json (corrupt, truncated or replaced); {redo}"
-            raise ModelFileError(msg)
-    return xml
+    return artifact_checked(bundle, meta, "openvino_int8", verify_sha)[0]
 
 
 def main_quantize(args) -> int:

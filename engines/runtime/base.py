@@ -30,25 +30,18 @@ class InputError(ValueError):
     """A batch of the wrong shape or dtype was passed to a runtime."""
 
 
+def artifact_checked(bundle: Path, meta: dict[str, Any], key: str, verify_sha: bool = True) -> list[Path]:
+    """``engines.bundle.artifact_files`` (the one check of every file a runtime loads), its error as
+    a ModelFileError."""
+    try:
+        return bundle_mod.artifact_files(bundle, meta, key, verify_sha)
+    except bundle_mod.ArtifactError as exc:
+        raise ModelFileError(str(exc)) from exc
+
+
 def onnx_path_checked(bundle: Path, meta: dict[str, Any], verify_sha: bool = True) -> Path:
     """``bundle/model.onnx``, checked against the sha256 that export recorded in model.json."""
-    onnx_meta = meta.get("onnx")
-    if not onnx_meta:
-        msg = f"{bundle} has no exported graph: run 'lineinspect export --bundle {bundle}' first"
-        raise ModelFileError(msg)
-    path = Path(bundle) / onnx_meta.get("file", bundle_mod.MODEL_ONNX)
-    if not path.is_file():
-        msg = f"{path} is missing; re-run 'lineinspect export --bundle {bundle}'"
-        raise ModelFileError(msg)
-    if verify_sha:
-        sha = bundle_mod.sha256_file(path)
-        if sha != onnx_meta.get("sha256"):
-            msg = (
-                f"{path} does not match model.json (sha256 {sha[:12]}... != {str(onnx_meta.get('sha256'))[:12]}...): "
-                f"the file is corrupt, truncated or from another export; re-run 'lineinspect export --bundle {bundle}'"
-            )
-            raise ModelFileError(msg)
-    return path
+    return artifact_checked(bundle, meta, "onnx", verify_sha)[0]
 
 
 class Runtime(ABC):

@@ -32,7 +32,7 @@ import numpy as np
 import tensorrt as trt
 
 from engines import bundle as bundle_mod
-from engines.runtime.base import ModelFileError, Runtime, onnx_path_checked
+from engines.runtime.base import ModelFileError, Runtime, artifact_checked, onnx_path_checked
 from engines.runtime.cuda_mem import make_cuda
 
 log = logging.getLogger(__name__)
@@ -84,18 +84,13 @@ def engine_paths(bundle: Path, gpu_name: str, onnx_sha: str, precision: str) -> 
 
 
 def _fp16_graph(bundle: Path, meta: dict[str, Any]) -> Path:
-    info = meta.get("onnx_fp16")
-    if not info:
+    if not meta.get("onnx_fp16"):
         msg = (
             f"TensorRT {trt.__version__} builds only strongly typed networks: --fp16 needs the fp16 graph; "
             f"run 'lineinspect export --bundle {bundle} --fp16-graph' first"
         )
         raise ModelFileError(msg)
-    path = Path(bundle) / info["file"]
-    if not path.is_file() or bundle_mod.sha256_file(path) != info["sha256"]:
-        msg = f"{path} is missing or does not match model.json; re-run 'lineinspect export --fp16-graph'"
-        raise ModelFileError(msg)
-    return path
+    return artifact_checked(bundle, meta, "onnx_fp16")[0]
 
 
 class _EntropyCalibrator(trt.IInt8EntropyCalibrator2 if hasattr(trt, "IInt8EntropyCalibrator2") else object):

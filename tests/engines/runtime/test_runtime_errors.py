@@ -102,3 +102,38 @@ def test_cuda_provider_requested_without_gpu(exported_bundle: Path):
         pytest.skip("this onnxruntime has CUDA")
     with pytest.raises(ModelFileError, match="no CUDA provider"):
         load_runtime("onnxruntime", exported_bundle, device="cuda")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m["input"].update(height="tall"), r"input\.height"),
+        (lambda m: m["teacher"].update(weights_sha256="abc"), r"teacher\.weights_sha256"),
+        (lambda m: m["normalization"].update(std=0), r"normalization\.std"),
+    ],
+)
+def test_the_manifest_is_typed(bundle_copy: Path, edit, match):
+    meta = json.loads((bundle_copy / "model.json").read_text())
+    edit(meta)
+    (bundle_copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(bundle_mod.BundleError, match=match):
+        load_runtime("onnxruntime", bundle_copy)
+
+
+def test_one_artifact_check_for_every_file(bundle_copy: Path):
+    """Every artifact: recorded, present, matching its sha256, derived ones made from this export."""
+    meta = bundle_mod.read_meta(bundle_copy)
+    assert bundle_mod.read_manifest(bundle_copy).input.height == meta["input"]["height"]
+    assert bundle_mod.artifact_files(bundle_copy, meta, "onnx") == [bundle_copy / "model.onnx"]
+    (bundle_copy / "g16.onnx").write_bytes(b"fp16 graph")
+    meta["onnx_fp16"] = {
+        "file": "g16.onnx",
+        "sha256": bundle_mod.sha256_file(bundle_copy / "g16.onnx"),
+        "for_onnx_sha256": meta["onnx"]["sha256"],
+    }
+    assert bundle_mod.artifact_files(bundle_copy, meta, "onnx_fp16") == [bundle_copy / "g16.onnx"]
+    meta["onnx_fp16"]["for_onnx_sha256"] = "0" * 64  # model.onnx exported again since
+    with pytest.raises(bundle_mod.ArtifactError, match=r"exported with another export.*--fp16-graph"):
+        bundle_mod.artifact_files(bundle_copy, meta, "onnx_fp16")
+    with pytest.raises(bundle_mod.ArtifactError, match="has no int8 model: run 'lineinspect quantize"):
+        bundle_mod.artifact_files(bundle_copy, meta, "openvino_int8")
