@@ -186,15 +186,17 @@ class Scenario:
 
 
 # --- scenarios ------------------------------------------------------------------------------------
-def _fault_in_the_middle(sc: Scenario, cfg: Path, fault, clear) -> None:
-    """A third of the time running, a third with the fault, a third after it cleared."""
+def _fault_in_the_middle(sc: Scenario, cfg: Path, fault, clear, fault_s: float, outage: bool) -> None:
+    """Running, then ``fault_s`` with the fault, then running after it cleared. ``outage``: the
+    connection is lost (verdicts decided meanwhile must all be late)."""
     svc = sc.service(cfg)
     try:
         time.sleep(sc.seconds / 3)
         t0 = fault()
-        time.sleep(sc.seconds / 3)
+        time.sleep(fault_s)
         clear()
-        sc.down.append((t0, time.time()))
+        if outage:
+            sc.down.append((t0, time.time()))
         t_clear = time.monotonic()
         time.sleep(sc.seconds / 3)
         svc.stop_capture.set()
@@ -205,18 +207,22 @@ def _fault_in_the_middle(sc: Scenario, cfg: Path, fault, clear) -> None:
 
 def broker_outage(sc: Scenario) -> None:
     """Broker stopped mid-run for a few seconds, then back."""
-    _fault_in_the_middle(sc, sc.config([sc.camera(rate_hz=20, loop=True)]), sc.broker_down, sc.broker.start)
+    cfg = sc.config([sc.camera(rate_hz=20, loop=True)])
+    _fault_in_the_middle(sc, cfg, sc.broker_down, sc.broker.start, sc.seconds / 3, outage=True)
 
 
 def broker_frozen(sc: Scenario) -> None:
-    """SIGSTOP the broker (connection up, no acks), then SIGCONT."""
+    """SIGSTOP the broker for 2 x late_after_s (connection up, no acks), then SIGCONT. The copies handed
+    over before the stall could be seen arrive stale with late: false: the floor for any sender,
+    which is why the PLC also compares t_decided with its clock (README)."""
 
     def freeze() -> float:
         sc.broker.proc.send_signal(signal.SIGSTOP)
         return time.time()
 
     cfg = sc.config([sc.camera(rate_hz=20, loop=True)], health={"stall_s": 1.0, "restart_after_s": 2.0})
-    _fault_in_the_middle(sc, cfg, freeze, lambda: sc.broker.proc.send_signal(signal.SIGCONT))
+    thaw = lambda: sc.broker.proc.send_signal(signal.SIGCONT)  # noqa: E731
+    _fault_in_the_middle(sc, cfg, freeze, thaw, 2 * LATE_AFTER_S, outage=False)
 
 
 def sigkill_queued(sc: Scenario) -> None:

@@ -11,6 +11,9 @@ The lateness rule a PLC can rely on:
   handed to, so paho never re-sends an old copy after an outage;
 - after a reconnect every unacknowledged verdict is sent again from the outbox (QoS 1: at least
   once; the idempotency key lets the PLC drop a duplicate), oldest first;
+- while a copy has waited longer than min(0.5 s, late_after_s / 4) for its ack, no further copy
+  is handed over: they would only queue behind it in a connection that is not moving (a frozen
+  broker, a dead link not yet noticed) and reach the PLC stale but marked fresh;
 - ``late`` is decided for each copy when it is handed over: true when the verdict was decided
   before the current connection came up (an outage, a restart, a slow first connect), was
   handed to an earlier connection, or is older than ``late_after_s``. A PLC should still compare
@@ -87,6 +90,7 @@ class Publisher:
         self.started_at = started_at or time.time()
         self.cond = threading.Condition()
         self.inflight: dict[int, str] = {}  # mid -> verdict key, of the current connection
+        self.handed_at: dict[int, float] = {}  # mid -> monotonic time it was handed to paho
         self.early_acks: set[int] = set()
         self.sent: set[str] = set()  # keys handed to the current connection
         self.cursor = 0  # highest logged row id handed to the current connection
@@ -102,6 +106,7 @@ class Publisher:
         self._lost = False  # the current client's connection ended: the thread makes a new one
         self._backoff = 1.0
         self._retry_at = 0.0
+        self.ack_hold_s = min(0.5, cfg.late_after_s / 4)
         self.status_info: dict[str, Any] = {}
         self.thread = threading.Thread(target=self._run, name="mqtt-publisher", daemon=True)
         self.heartbeat = time.monotonic()
@@ -217,6 +222,7 @@ class Publisher:
             self.connected_since = time.time()
             self.last_delivery = time.monotonic()
             self.inflight.clear()
+            self.handed_at.clear()
             self.early_acks.clear()
             self.sent.clear()
             self.cursor = 0  # publish again everything not acknowledged, oldest first
@@ -247,6 +253,7 @@ class Publisher:
             self.connected = False
             self.connected_since = None
             self.inflight.clear()
+            self.handed_at.clear()
             self._lost = True
             self.cond.notify_all()
         if was and not self._stop.is_set():
@@ -260,6 +267,7 @@ class Publisher:
             return
         with self.cond:
             key = self.inflight.pop(mid, None)
+            self.handed_at.pop(mid, None)
             if key is None:
                 self.early_acks.add(mid)  # acked before publish() returned its mid to us
             else:
@@ -331,7 +339,11 @@ class Publisher:
             return False
         with self.cond:
             room = self.cfg.inflight_max - len(self.inflight)
-            ready = self.connected and room > 0
+            oldest = min(self.handed_at.values(), default=None)
+            # a connection that has not acked a copy for ACK_HOLD_S gets no more: they would only
+            # queue behind it (a frozen broker, a dead link not yet noticed) and arrive stale
+            acking = oldest is None or time.monotonic() - oldest < self.ack_hold_s
+            ready = self.connected and room > 0 and acking
             cursor = self.cursor
             skip = set(self.sent)
         if not ready:
@@ -374,6 +386,7 @@ class Publisher:
                 self.sent.discard(row.key)
             else:
                 self.inflight[info.mid] = row.key
+                self.handed_at[info.mid] = time.monotonic()
         self.outbox.mark_published(row.key, now)
         if acked:
             self._delivered(row.key)

@@ -223,6 +223,10 @@ def test_a_frozen_broker_makes_delivery_stuck_degraded_then_withholds_the_watchd
         broker.proc.send_signal(signal.SIGSTOP)
         assert run_until(svc, lambda: any("delivery stuck" in r for r in svc.health.reasons), 15)
         assert svc.publisher.connected, "the connection still looks up: liveness alone would say healthy"
+        # no copies pile up in a connection that does not ack (they would arrive stale, marked fresh):
+        # at 10 parts/s only those handed in the first 0.5 s of the stall are in flight
+        assert run_until(svc, lambda: svc.outbox.backlog() >= 25, 10)
+        assert len(svc.publisher.inflight) <= 8, len(svc.publisher.inflight)
         assert run_until(svc, lambda: svc.health.restart, 10), "past restart_after_s the watchdog is withheld"
         assert "lineinspect_watchdog_withheld 1" in metrics_text(svc)
         broker.proc.send_signal(signal.SIGCONT)
