@@ -131,7 +131,12 @@ class Scenario:
 
     def recovered(self, svc, t_clear: float, timeout: float = 60) -> None:
         """Time from the fault clearing until everything is acknowledged and health is ok."""
-        if _until(lambda: svc.outbox.backlog() == 0 and svc.outbox.waiting() == 0 and svc.check_health().ok, timeout):
+        from edge_app.health import assess
+
+        def clear() -> bool:
+            return svc.outbox.backlog() == 0 and svc.outbox.waiting() == 0 and assess(svc.observe(), svc.limits).ok
+
+        if _until(clear, timeout):
             self.recover_s = round(time.monotonic() - t_clear, 2)
 
     def broker_down(self, sig: int = signal.SIGTERM) -> float:
@@ -198,9 +203,9 @@ def _fault_in_the_middle(sc: Scenario, cfg: Path, fault, clear, fault_s: float, 
         if outage:
             sc.down.append((t0, time.time()))
         t_clear = time.monotonic()
-        time.sleep(sc.seconds / 3)
+        sc.recovered(svc, t_clear)  # frames keep coming: the backlog drains and health clears meanwhile
+        time.sleep(max(sc.seconds / 3 - (time.monotonic() - t_clear), 0))
         svc.stop_capture.set()
-        sc.recovered(svc, t_clear)
     finally:
         svc.shutdown(drain_timeout_s=20)
 
@@ -277,9 +282,9 @@ def disk_full(sc: Scenario) -> None:
             time.sleep(sc.seconds / 2)
             subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
             t_clear = time.monotonic()
-            time.sleep(sc.seconds / 2)
-            svc.stop_capture.set()
             sc.recovered(svc, t_clear)
+            time.sleep(max(sc.seconds / 2 - (time.monotonic() - t_clear), 0))
+            svc.stop_capture.set()
         finally:
             svc.shutdown(drain_timeout_s=20)
         row_db = sc.dir / "log-copy.sqlite"
