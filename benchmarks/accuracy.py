@@ -115,7 +115,8 @@ def main() -> int:
                 image_size=args.image_size, device=args.device, seed=args.seed, **VARIANTS[variant], **extra
             )
             train_paths, held_out = split_holdout(good_training_images(data), cfg.val_fraction, cfg.seed)
-            tag = f"{ds}-{variant}-{cfg.distance}-e{cfg.epochs}-s{cfg.seed}"
+            hq = f"-hq{cfg.hard_quantile:g}" if cfg.hard_quantile is not None else ""
+            tag = f"{ds}-{variant}-{cfg.distance}{hq}-e{cfg.epochs}-s{cfg.seed}"
             bundle = args.work / tag
             t0 = time.perf_counter()
             train(data, bundle, cfg, quiet=True)
