@@ -73,7 +73,8 @@ def test_a_full_disk_keeps_verdicts_flowing_says_so_and_recovers(
         assert run_until(svc, lambda: not svc.health.ok, 5)
         reasons = " ".join(svc.health.reasons)
         assert "decision log not writable" in reasons and not svc.health.restart
-        assert lst.on("/status")[-1]["state"] == "degraded" and lst.on("/status")[-1]["reasons"]
+        assert run_until(svc, lambda: lst.on("/status")[-1]["state"] == "degraded", 5), "the retained status says so"
+        assert lst.on("/status")[-1]["reasons"]
         text = metrics_text(svc)
         assert "lineinspect_health_degraded 1" in text and "lineinspect_store_errors_total" in text
         assert 'lineinspect_health_reason{reason="decision log not writable' in text
@@ -82,7 +83,7 @@ def test_a_full_disk_keeps_verdicts_flowing_says_so_and_recovers(
         subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
         assert run_until(svc, lambda: svc.outbox.waiting() == 0 and svc.outbox.store_error is None, 60)
         assert run_until(svc, lambda: svc.health.ok, 10), svc.health.reasons
-        assert lst.on("/status")[-1]["state"] == "online"
+        assert run_until(svc, lambda: lst.on("/status")[-1]["state"] == "online", 5)
         svc.stop_capture.set()
     finally:
         svc.shutdown(drain_timeout_s=20)
@@ -288,7 +289,7 @@ def test_small_truths(tmp_path, broker, listener_factory, calibrated, part_image
             svc.stop_capture.set()
             svc.shutdown()
         assert not [r for r in caplog.records if "MQTT disconnected" in r.getMessage()], "a clean stop is no warning"
-        assert lst.wait_for("/status", 1)[-1]["state"] == "offline"
+        assert until(lambda: lst.on("/status")[-1]["state"] == "offline", 5)  # stop waits for its PUBACK
         assert lst.on("/status")[-1]["reason"] == "stopped"
     finally:
         if svc.publisher.thread.is_alive():
