@@ -73,10 +73,12 @@ class Inspector:
         with self._lock:
             self._cal = cal
 
-    def decide(self, frame: Frame, outcome: Outcome, deadline_ms: float | None = None) -> Verdict:
-        return decide(
-            frame, outcome, self.calibration, self.station, self.model_sha, time.time(), deadline_ms, time.monotonic()
-        )
+    def decide(
+        self, frame: Frame, outcome: Outcome, deadline_ms: float | None = None, cal: Calibration | None = None
+    ) -> Verdict:
+        """``cal``: the calibration ``inspect`` used (a reload in between must not mix two)."""
+        cal = cal or self.calibration
+        return decide(frame, outcome, cal, self.station, self.model_sha, time.time(), deadline_ms, time.monotonic())
 
     def inspect(self, frame: Frame, t_dequeued: float, cal: Calibration | None = None) -> Outcome:
         """One frame -> what it shows. Runtime errors become NotInspected (reason runtime_error)."""

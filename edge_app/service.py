@@ -361,13 +361,14 @@ class Service:
             t_deq = time.monotonic()
             self.room.set()
             self.metrics.set("queue_depth", self.queue.qsize())
+            cal = self.inspector.calibration  # one calibration per frame, for its regions and its verdict
             if self.paused.is_set():
                 outcome = NotInspected("paused", "inspection paused by command")
             elif deadline and (t_deq - f.t_mono) * 1000 > deadline:
                 outcome = NotInspected("late", f"waited {(t_deq - f.t_mono) * 1000:.0f} ms in the queue")
             else:
-                outcome = self.inspector.inspect(f, t_deq)
-            self.sink(self.inspector.decide(f, outcome, deadline))
+                outcome = self.inspector.inspect(f, t_deq, cal)
+            self.sink(self.inspector.decide(f, outcome, deadline, cal))
 
     def sink(self, v: Verdict) -> None:
         """Count, log to the outbox (before publishing), archive, wake the publisher."""
@@ -385,8 +386,7 @@ class Service:
             self.outbox.add(dataclasses.replace(v, image=None, amap=None))
         m.set("store_unstored", self.outbox.waiting())
         self._archive(v)
-        if hasattr(self, "publisher"):
-            self.publisher.notify()
+        self.publisher.notify()
 
     def _archive(self, v: Verdict) -> None:
         keep = self.cfg.storage.keep
