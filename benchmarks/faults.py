@@ -139,6 +139,19 @@ class Scenario:
         if _until(clear, timeout):
             self.recover_s = round(time.monotonic() - t_clear, 2)
 
+    def restart_with(self, n_parts: int) -> None:
+        """Start the service again on the same log, with ``n_parts`` new parts; time its recovery."""
+        rest = self.dir / "rest"
+        rest.mkdir()
+        for p in sorted(self.parts.iterdir())[:n_parts]:
+            shutil.copy(p, rest / p.name)
+        t_clear = time.monotonic()
+        svc = self.service(self.config([self.camera(rest)], name="c2.yaml"))
+        try:
+            self.recovered(svc, t_clear)
+        finally:
+            svc.shutdown(drain_timeout_s=20)
+
     def broker_down(self, sig: int = signal.SIGTERM) -> float:
         self.broker.stop(sig)
         return time.time()
@@ -253,16 +266,7 @@ def sigkill_queued(sc: Scenario) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    rest = sc.dir / "rest"
-    rest.mkdir()
-    for p in sorted(sc.parts.iterdir())[:4]:
-        shutil.copy(p, rest / p.name)
-    t_clear = time.monotonic()
-    svc = sc.service(sc.config([sc.camera(rest)], name="c2.yaml"))
-    try:
-        sc.recovered(svc, t_clear)
-    finally:
-        svc.shutdown(drain_timeout_s=20)
+    sc.restart_with(4)
 
 
 def disk_full(sc: Scenario) -> None:
@@ -325,15 +329,7 @@ def restart_backlog(sc: Scenario) -> None:
     _until(lambda: sum(svc.counts.values()) >= 12, 30)
     svc.shutdown(drain_timeout_s=0.5)
     sc.broker_up(t_down)
-    one = sc.dir / "one"  # the next run inspects one more part (an empty folder is a camera fault)
-    one.mkdir()
-    shutil.copy(sorted(sc.parts.iterdir())[0], one / "next.png")
-    t_clear = time.monotonic()
-    svc = sc.service(sc.config([sc.camera(one)], name="c2.yaml"))
-    try:
-        sc.recovered(svc, t_clear)
-    finally:
-        svc.shutdown(drain_timeout_s=20)
+    sc.restart_with(1)  # one more part (an empty folder would be a camera fault)
 
 
 class ScenarioSkippedError(RuntimeError):
