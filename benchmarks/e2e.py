@@ -135,6 +135,7 @@ def run_case(bench: Bench, name: str, camera: dict, frames: int, timeout_s: floa
         "mqtt": {"port": port, "topic_prefix": "bench", "inflight_max": 200},
         "storage": {"database": str(case / "log.sqlite"), "archive_dir": str(case / "archive"), "quota_mb": 200},
         "metrics": {"enabled": False},
+        "web": {"port": 0},
     }
     (case / "station.yaml").write_text(yaml.safe_dump(cfg))
     counter = Counter(port, f"bench/bench/{name}/result")

@@ -126,3 +126,66 @@ def load_calibration(path: Path, model_onnx_sha256: str | None = None) -> Calibr
         created_at=str(data.get("created_at", "")),
         extra=data.get("extra") or {},
     )
+
+
+def with_image_threshold(cal: Calibration, threshold: float, user: str, created_at: str) -> Calibration:
+    """A copy of ``cal`` with a hand-set image threshold (the page's apply): the pixel rule, the
+    model binding and the good scores stay; the expected false-reject rate is re-read off the
+    calibration's own good scores."""
+    from calibration.whatif import check_threshold
+
+    threshold = check_threshold(threshold)
+    good = [float(s) for s in cal.extra.get("good_scores") or []]
+    expected = dict(cal.expected_false_reject_rate)
+    if good:
+        k = sum(s >= threshold for s in good)
+        expected = {
+            "estimate": k / len(good),
+            "observed_on_calibration_parts": f"{k}/{len(good)}",
+            "target": cal.expected_false_reject_rate.get("target"),
+            "note": "threshold set by hand; the estimate is the share of the calibration's good parts at or above it",
+        }
+    method = dict(cal.method)
+    method["image"] = {
+        "method": "manual",
+        "set_by": user,
+        "replaces": {"calibration_id": cal.id, "threshold": cal.image_threshold, "method": cal.method.get("image")},
+    }
+    return Calibration(
+        model_onnx_sha256=cal.model_onnx_sha256,
+        image_threshold=threshold,
+        pixel_threshold=cal.pixel_threshold,
+        min_defect_area_px=cal.min_defect_area_px,
+        method=method,
+        samples=cal.samples,
+        expected_false_reject_rate=expected,
+        created_at=created_at,
+        extra=cal.extra,
+    )
+
+
+def replace_calibration(cal: Calibration, path: Path, model_onnx_sha256: str) -> Path | None:
+    """Write ``cal`` over ``path`` the validated way: bound to this model, read back and checked
+    before it replaces the old file, which is kept beside it as ``<name>.<old id>.yaml``."""
+    path = Path(path)
+    if cal.model_onnx_sha256 != model_onnx_sha256:
+        msg = "calibration is for another model"
+        raise CalibrationError(msg)
+    from engines.bundle import atomic_write_bytes
+
+    kept = None
+    if path.is_file():
+        old = load_calibration(path)
+        kept = path.with_name(f"{path.stem}.{old.id}{path.suffix or '.yaml'}")
+        atomic_write_bytes(kept, path.read_bytes())
+    tmp = path.with_name(f".{path.name}.new")
+    save_calibration(cal, tmp)
+    try:
+        check = load_calibration(tmp, model_onnx_sha256)
+        if check.id != cal.id:
+            msg = f"calibration {tmp} did not read back as written"
+            raise CalibrationError(msg)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return kept

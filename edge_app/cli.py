@@ -112,6 +112,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=128, help="model input size (camera frames are 256 px)")
     p.add_argument("--rate-hz", type=float, default=10.0, help="camera frame rate")
     p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--web-port", type=int, default=8080, help="port of the station page (a free one if taken)")
+    p.add_argument(
+        "--keep-open", type=float, default=0.0, help="keep the station and its page running this many s after the parts"
+    )
+
+
+def _add_web_password(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "web-password", help="print a users-file line (name:scrypt hash) for the station page; password on stdin"
+    )
+    p.add_argument("name", help="user name shown in the audit table")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_service(sub)
     _add_calibrate(sub)
     _add_demo(sub)
+    _add_web_password(sub)
     return parser
 
 
@@ -186,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         from edge_app.demo import main_demo
 
         return main_demo(args)
+    if args.command == "web-password":
+        from edge_app.web.auth import main_web_password
+
+        return main_web_password(args)
     if args.command == "make-synthetic":
         from engines.synthetic import make_dataset
 

@@ -254,6 +254,52 @@ class HealthConfig(Strict):
     heartbeat_max_age_s: float = Field(10.0, gt=0, description="a service thread not turning for this long is stuck")
 
 
+class WebTlsConfig(Strict):
+    cert_file: Path = Field(..., description="certificate (PEM) the page is served with")
+    key_file: Path = Field(..., description="private key (PEM) of that certificate")
+
+
+class WebAuthConfig(Strict):
+    users_file: Path | None = Field(
+        None,
+        description="file of 'name:secret' lines, one per user allowed to change the station; secret is a hash "
+        "from 'lineinspect web-password' (or, discouraged, the password itself)",
+    )
+    users_credential: str | None = Field(
+        None, description="systemd credential name holding that file ($CREDENTIALS_DIRECTORY/NAME)"
+    )
+    session_hours: float = Field(8.0, gt=0, le=168, description="a login lasts this long (one shift)")
+    max_failures: int = Field(5, ge=1, description="wrong passwords from one address before it waits lockout_s")
+    lockout_s: float = Field(60.0, ge=0, description="wait after max_failures wrong passwords")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WebAuthConfig:
+        if self.users_file and self.users_credential:
+            msg = "give users_file or users_credential, not both"
+            raise ValueError(msg)
+        return self
+
+
+class WebConfig(Strict):
+    enabled: bool = Field(True, description="serve the station page")
+    bind_address: str = Field(
+        "127.0.0.1",
+        description="address of the page; 127.0.0.1 keeps it on this PC, 0.0.0.0 opens the read-only pages to the "
+        "plant network (changes always need a login)",
+    )
+    port: int = Field(8080, ge=0, le=65535, description="port of the page (0: any free port)")
+    tls: WebTlsConfig | None = Field(None, description="serve HTTPS with this certificate (None: plain HTTP)")
+    auth: WebAuthConfig = Field(default_factory=WebAuthConfig, description="who may change the station")
+    live_max_hz: float = Field(2.0, gt=0, le=30, description="live view updates per second per client, at most")
+    max_clients: int = Field(16, ge=1, le=1000, description="live-view connections at once; more are refused")
+    review_dir: Path | None = Field(
+        None,
+        description="where reviewed parts are collected (train/good: false rejects, test/confirmed: confirmed "
+        "defects; the layout lineinspect train / calibrate read). None: <archive_dir>/../review",
+    )
+    whatif_parts: int = Field(1000, ge=10, le=1_000_000, description="recent logged parts the what-if counts")
+
+
 class LoggingConfig(Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
@@ -268,6 +314,7 @@ class ServiceConfig(Strict):
     storage: StorageConfig = Field(..., description="decision log and image archive")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
     health: HealthConfig = Field(default_factory=HealthConfig, description="when the service is degraded or restarted")
+    web: WebConfig = Field(default_factory=WebConfig, description="the station page (live view, history, calibration)")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="logging")
 
     @field_validator("cameras")

@@ -7,7 +7,9 @@ subcommands a user would; steps whose output exists are reused on re-runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import secrets
 import shutil
 import signal
 import socket
@@ -35,6 +37,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def start_broker(work: Path) -> tuple[subprocess.Popen, int]:
@@ -115,6 +126,13 @@ def main_demo(args) -> int:
         )
     truth = line_images(parts, work / "line")
     broker, port = start_broker(work)
+    web_port = args.web_port if _port_free(args.web_port) else free_port()
+    from edge_app.web.auth import hash_password
+
+    password = secrets.token_urlsafe(9)
+    users = work / "web_users"
+    users.write_text(f"demo:{hash_password(password)}\n")
+    users.chmod(0o600)
     station = {
         "station": {"line": "demo", "station": "st1", "description": "lineinspect demo"},
         "cameras": [{"id": "cam1", "type": "folder", "path": str(work / "line"), "rate_hz": args.rate_hz}],
@@ -124,6 +142,7 @@ def main_demo(args) -> int:
         "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "lineinspect"},
         "storage": {"database": str(work / "decisions.sqlite"), "archive_dir": str(work / "archive"), "quota_mb": 100},
         "metrics": {"enabled": True, "port": 0},
+        "web": {"port": web_port, "auth": {"users_file": str(users)}},
     }
     cfg_path = work / "station.yaml"
     cfg_path.write_text(yaml.safe_dump(station, sort_keys=False))
@@ -155,8 +174,16 @@ def main_demo(args) -> int:
     sub.loop_start()
     print(f"{STEP}lineinspect run --config {cfg_path}  ({len(truth)} parts at {args.rate_hz} per second)", flush=True)
     svc = subprocess.Popen([sys.executable, "-m", "edge_app.cli", "run", "--config", str(cfg_path)])
+    print(
+        f"{STEP}station page: http://127.0.0.1:{web_port}/  (log in as demo, password {password})",
+        flush=True,
+    )
     try:
         done.wait(timeout=max(120.0, 3 * len(truth) / args.rate_hz))
+        if args.keep_open > 0:
+            print(f"{STEP}keeping the station and its page open for {args.keep_open:.0f} s (Ctrl-C ends)", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                time.sleep(args.keep_open)
     finally:
         svc.send_signal(signal.SIGTERM)
         svc.wait(60)
@@ -182,5 +209,7 @@ def main_demo(args) -> int:
     if lat:
         print(f"  grab-to-decision latency p50 {lat[len(lat) // 2]:.1f} ms, max {lat[-1]:.1f} ms")
     print(f"  everything is in {work} (station.yaml, calibration.html, decisions.sqlite, archive/)")
+    if args.keep_open <= 0:
+        print("  to look at the station page after the parts: lineinspect demo --keep-open 600")
     print(f"  demo took {time.monotonic() - t_start:.0f} s")
     return 0 if len(results) == len(truth) else 1

@@ -33,6 +33,7 @@ class Observation:
     store_error_since: float | None = None
     undelivered_in_memory: int = 0  # verdicts neither logged nor acknowledged: a restart would lose them
     cameras: dict[str, str] = field(default_factory=dict)  # camera -> state text
+    web_error: str | None = None  # the station page is not served (the line is unaffected: no restart)
 
 
 @dataclass(frozen=True)
@@ -76,4 +77,6 @@ def assess(o: Observation, limits: HealthLimits) -> Health:
     for cam, state in sorted(o.cameras.items()):
         if state not in ("connected", "finished"):
             reasons.append(f"camera {cam}: {state}")
+    if o.web_error is not None:
+        reasons.append(f"station page not served: {o.web_error}")
     return Health("degraded" if reasons else "ok", tuple(reasons), restart)

@@ -32,6 +32,7 @@ from edge_app.decide import NotInspected
 from edge_app.frame import Frame, Verdict
 from edge_app.health import Health, HealthLimits, Observation, assess
 from edge_app.inspect import Inspector
+from edge_app.live import LiveBoard
 from edge_app.metrics import Metrics, MetricsServer
 from edge_app.outbox import Outbox
 from edge_app.publish import Publisher
@@ -209,6 +210,9 @@ class Service:
         self._sink_lock = threading.Lock()
         self._opened: list[Any] = []  # closed in reverse order by shutdown() or a failed start
         self.ok_counter = 0
+        self.board = LiveBoard()  # what the station page shows live (fed by sink, never waits)
+        self.web = None
+        self.web_error: str | None = None
         try:
             self._open_parts()
         except BaseException:
@@ -282,11 +286,29 @@ class Service:
                     f"metrics: cannot listen on {cfg.metrics.bind_address}:{cfg.metrics.port}: {exc}"
                 ) from exc
             self._opened.append(self.metrics_server)
+        if cfg.web.enabled:
+            self._open_web()
+
+    def _open_web(self) -> None:
+        """The station page. One that cannot start is a degraded reason, never a stopped line."""
+        try:
+            from edge_app.web import WebError, WebServer
+        except ImportError as exc:
+            self.web_error = f"the page's packages are missing ({exc}): pip install lineinspect"
+            log.error("station page: %s", self.web_error)
+            return
+        try:
+            self.web = WebServer(self, self.cfg.web)
+        except WebError as exc:
+            self.web_error = str(exc)
+            log.error("station page not served (inspection goes on): %s", exc)
+            return
+        self._opened.append(self.web)
 
     def _close_opened(self) -> None:
         for part in reversed(self._opened):
             with contextlib.suppress(Exception):
-                if isinstance(part, (Publisher, Archive, MetricsServer)):
+                if isinstance(part, (Publisher, Archive, MetricsServer)) or part is self.web:
                     part.stop()
                 else:
                     part.close()
@@ -387,6 +409,8 @@ class Service:
         m.set("store_unstored", self.outbox.waiting())
         self._archive(v)
         self.publisher.notify()
+        with contextlib.suppress(Exception):  # the page's view may never cost a verdict
+            self.board.record(v)
 
     def _archive(self, v: Verdict) -> None:
         keep = self.cfg.storage.keep
@@ -491,6 +515,9 @@ class Service:
         self.publisher.start()
         if self.metrics_server:
             self.metrics_server.start()
+        if self.web is not None:
+            self.web.start()
+            log.info("station page on %s", self.web.url)
         self.worker.start()
         for c in self.cameras:
             c.thread.start()
@@ -529,6 +556,7 @@ class Service:
             store_error_since=outbox.store_error_since,
             undelivered_in_memory=outbox.undelivered_waiting(),
             cameras={k: v for k, v in self.cam_states.items() if not self.stop_capture.is_set()},
+            web_error=self.web_error or (self.web.failed if self.web is not None else None),
         )
 
     def check_health(self) -> Health:
@@ -594,6 +622,10 @@ class Service:
     def shutdown(self, drain_timeout_s: float = 10.0) -> int:
         log.info("stopping: draining in-flight frames")
         self.notifier.stopping()
+        if self.web is not None:  # the page first: it only reads, and must not see half-closed parts
+            with contextlib.suppress(Exception):
+                self.web.stop()
+            self._opened.remove(self.web)
         self.stop_capture.set()
         # threads that never started (a service stopped before or during start()) are not joined
         for c in self.cameras:

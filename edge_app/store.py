@@ -61,7 +61,29 @@ CREATE TABLE IF NOT EXISTS triggers (
     detail TEXT,
     PRIMARY KEY (camera_id, seq)
 );
+CREATE INDEX IF NOT EXISTS verdicts_part ON verdicts (part_id);
+CREATE INDEX IF NOT EXISTS verdicts_decided ON verdicts (t_decided);
+-- who changed the station from the page, when and what (written before the change is made)
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    t REAL NOT NULL,
+    user TEXT NOT NULL,
+    remote TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    outcome TEXT NOT NULL DEFAULT 'pending'
+);
+-- an operator's word on a part: a false reject or a confirmed defect (the latest mark counts)
+CREATE TABLE IF NOT EXISTS reviews (
+    key TEXT PRIMARY KEY,
+    label TEXT NOT NULL CHECK (label IN ('false_reject', 'confirmed_defect')),
+    user TEXT NOT NULL,
+    t REAL NOT NULL,
+    file TEXT
+);
 """
+
+REVIEW_LABELS = ("false_reject", "confirmed_defect")
 
 
 class StoreError(RuntimeError):
@@ -227,6 +249,38 @@ class DecisionLog:
             except sqlite3.Error as exc:
                 raise self._unavailable("write to", exc) from exc
 
+    def add_audit(self, user: str, remote: str, action: str, detail: dict[str, Any]) -> int:
+        """The audit row of a change, written before the change is made (no row: no change)."""
+        with self.lock:
+            try:
+                cur = self.db.execute(
+                    "INSERT INTO audit (t, user, remote, action, detail) VALUES (?,?,?,?,?)",
+                    (time.time(), user, remote, action, json.dumps(detail, sort_keys=True)),
+                )
+                return int(cur.lastrowid)
+            except sqlite3.Error as exc:
+                raise self._unavailable("write the audit row to", exc) from exc
+
+    def finish_audit(self, audit_id: int, outcome: str) -> None:
+        with self.lock:
+            try:
+                self.db.execute("UPDATE audit SET outcome = ? WHERE id = ?", (outcome[:500], audit_id))
+            except sqlite3.Error as exc:
+                raise self._unavailable("write to", exc) from exc
+
+    def set_review(self, key: str, label: str, user: str, file: str | None) -> None:
+        if label not in REVIEW_LABELS:
+            msg = f"review label must be one of {', '.join(REVIEW_LABELS)}"
+            raise ValueError(msg)
+        with self.lock:
+            try:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO reviews (key, label, user, t, file) VALUES (?,?,?,?,?)",
+                    (key, label, user, time.time(), file),
+                )
+            except sqlite3.Error as exc:
+                raise self._unavailable("write the review to", exc) from exc
+
     def last_seq(self, camera_id: str) -> int:
         """Highest sequence number used by a camera, verdicts and pending triggers alike: sequence
         numbers continue across restarts and crashes, never given to another part."""
@@ -341,13 +395,18 @@ class Archive:
                 self.errors += 1
                 log.error("archive write failed for %s: %s", v.key, exc)
 
-    def _write(self, v: Verdict) -> None:
-        day = time.strftime("%Y-%m-%d", time.localtime(v.t_grab))
+    def files_for(self, t_grab: float, camera_id: str, part_id: str, seq: int, verdict: str) -> tuple[Path, Path]:
+        """Where a verdict's image and heatmap overlay are (or would be) archived: the one naming rule."""
+        day = time.strftime("%Y-%m-%d", time.localtime(t_grab))
+        stem = f"{int(t_grab * 1000)}_{_safe(camera_id)}_{_safe(part_id)}_{seq}_{verdict}"
         folder = self.root / day
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = f"{int(v.t_grab * 1000)}_{_safe(v.camera_id)}_{_safe(v.part_id)}_{v.seq}_{v.verdict}"
+        return folder / f"{stem}.png", folder / f"{stem}_heat.png"
+
+    def _write(self, v: Verdict) -> None:
+        image_path, heat_path = self.files_for(v.t_grab, v.camera_id, v.part_id, v.seq, v.verdict)
+        image_path.parent.mkdir(parents=True, exist_ok=True)
         img = v.image
-        files = [(folder / f"{stem}.png", img)]
+        files = [(image_path, img)]
         if v.amap is not None:
             from engines.evaluate import heat_overlay
 
@@ -355,7 +414,7 @@ class Archive:
             rgb = cv2.resize(rgb, (v.amap.shape[1], v.amap.shape[0]), interpolation=cv2.INTER_AREA)
             lo = 0.0
             hi = max(float(v.threshold or 0) * 1.5, float(np.max(v.amap)), 1e-3)
-            files.append((folder / f"{stem}_heat.png", heat_overlay(rgb, v.amap, lo, hi)))
+            files.append((heat_path, heat_overlay(rgb, v.amap, lo, hi)))
         for path, arr in files:
             ok, buf = cv2.imencode(".png", arr)
             if not ok:

@@ -313,6 +313,7 @@ def write_config(
         },
         "storage": {"database": str(tmp / "log.sqlite"), "archive_dir": str(tmp / "archive"), "quota_mb": 50},
         "metrics": {"enabled": True, "port": 0},
+        "web": {"port": 0},
     }
     for key, val in sections.items():
         if isinstance(val, dict) and isinstance(cfg.get(key), dict):
