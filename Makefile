@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 EXTRAS := train,ort,openvino,int8,basler,dev
 DEMO   := demo_out
 
-.PHONY: venv test lint demo clean broker
+.PHONY: venv test lint demo clean broker browser
 
 # The service tests and the demo talk to a real mosquitto broker (and make TLS certificates with
 # openssl): installed from Debian's packages when missing and we may, else one clear line.
@@ -19,6 +19,16 @@ broker:
 		  (export DEBIAN_FRONTEND=noninteractive; apt-get update -q && \
 		   apt-get install -y -q --no-install-recommends mosquitto openssl); } || \
 		{ echo "install the mosquitto MQTT broker and openssl first (e.g. sudo apt-get install mosquitto openssl)"; exit 1; }
+
+# The browser tests drive Debian's chromium with its chromedriver (Selenium is given the driver's
+# path: nothing is downloaded). Installed when missing and we may; else the tests say what to install.
+browser:
+	@{ test -x /usr/bin/chromium || command -v chromium >/dev/null 2>&1; } && \
+	  { test -x /usr/bin/chromedriver || command -v chromedriver >/dev/null 2>&1; } || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		  (export DEBIAN_FRONTEND=noninteractive; apt-get update -q && \
+		   apt-get install -y -q --no-install-recommends chromium chromium-driver); } || \
+		echo "browser tests will be skipped: install chromium and chromium-driver (sudo apt-get install chromium chromium-driver)"
 
 venv: $(STAMP)
 
@@ -34,11 +44,11 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint broker
+test: lint broker browser
 	$(PY) -m pytest -q
 
 demo: venv broker
 	$(VENV)/bin/lineinspect demo --out $(DEMO)
 
 clean:
-	rm -rf $(VENV) $(DEMO) runs
+	rm -rf $(VENV) $(DEMO) runs test-artifacts

@@ -1,9 +1,11 @@
-"""Self-contained HTML calibration report: plots drawn with OpenCV, embedded as base64 PNG."""
+"""Self-contained HTML calibration report: charts drawn with matplotlib (Agg) and part thumbnails,
+embedded as base64 PNG data URIs (the file opens anywhere, offline)."""
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-W, H, M = 640, 320, 48  # plot size and margin
-GOOD = (200, 140, 40)  # BGR
-DEFECT = (40, 60, 220)
-LINE = (20, 20, 20)
+GOOD = "#2e7fb8"
+DEFECT = "#c62828"
 
 
 def _png(img: np.ndarray) -> str:
@@ -24,61 +24,56 @@ def _png(img: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode()
 
 
-def _canvas() -> np.ndarray:
-    return np.full((H, W, 3), 255, np.uint8)
+def _figure_uri(fig) -> str:
+    """A matplotlib figure as a PNG data URI (Agg backend: no display, no window)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _axes(img: np.ndarray, x0: float, x1: float, xlabel: str, ylabel: str) -> None:
-    cv2.line(img, (M, H - M), (W - 10, H - M), LINE, 1)
-    cv2.line(img, (M, 10), (M, H - M), LINE, 1)
-    for i in range(5):
-        v = x0 + (x1 - x0) * i / 4
-        x = int(M + (W - 10 - M) * i / 4)
-        cv2.line(img, (x, H - M), (x, H - M + 4), LINE, 1)
-        cv2.putText(img, f"{v:.2f}", (x - 16, H - M + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.4, LINE, 1)
-    cv2.putText(img, xlabel, (W // 2 - 40, H - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45, LINE, 1)
-    cv2.putText(img, ylabel, (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, LINE, 1)
+def _new_figure():
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
+
+    fig = Figure(figsize=(7.2, 3.4))
+    return fig, fig.add_subplot(1, 1, 1)
 
 
-def histogram_plot(good: np.ndarray, defect: np.ndarray, threshold: float) -> np.ndarray:
-    img = _canvas()
+def histogram_plot(good: np.ndarray, defect: np.ndarray, threshold: float) -> str:
+    """PNG data URI: good and defect score histograms (share of each group) and the threshold."""
+    good = np.asarray(good, np.float64)
+    defect = np.asarray(defect, np.float64)
     allv = np.r_[good, defect, [threshold]]
     lo, hi = float(allv.min()), float(allv.max())
     hi = hi if hi > lo else lo + 1
     bins = np.linspace(lo, hi, 41)
-    hg, _ = np.histogram(good, bins)
-    hd, _ = np.histogram(defect, bins) if len(defect) else (np.zeros(40), None)
-    hg = hg / max(len(good), 1)
-    hd = hd / max(len(defect), 1)
-    top = max(hg.max(), hd.max(), 1e-9)
-    pw = (W - 10 - M) / 40
-    for i in range(40):
-        x = int(M + i * pw)
-        for vals, color, off in ((hg, GOOD, 0), (hd, DEFECT, pw / 2)):
-            h = int((H - M - 10) * vals[i] / top)
-            if h:
-                cv2.rectangle(img, (int(x + off), H - M - h), (int(x + off + pw / 2) - 1, H - M), color, -1)
-    tx = int(M + (W - 10 - M) * (threshold - lo) / (hi - lo))
-    cv2.line(img, (tx, 10), (tx, H - M), (0, 0, 0), 2)
-    cv2.putText(img, "threshold", (tx + 4, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
-    cv2.putText(img, "good", (W - 120, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.45, GOOD, 1)
+    fig, ax = _new_figure()
+    ax.hist(good, bins, weights=np.full(len(good), 1 / max(len(good), 1)), color=GOOD, alpha=0.75, label="good")
     if len(defect):
-        cv2.putText(img, "defect", (W - 70, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.45, DEFECT, 1)
-    _axes(img, lo, hi, "image score", "fraction")
-    return img
+        w = np.full(len(defect), 1 / len(defect))
+        ax.hist(defect, bins, weights=w, color=DEFECT, alpha=0.6, label="defect")
+    ax.axvline(threshold, color="black", lw=2, ls="--", label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("image score")
+    ax.set_ylabel("share of parts")
+    ax.legend(loc="upper right", frameon=False)
+    ax.grid(alpha=0.3)
+    return _figure_uri(fig)
 
 
-def roc_plot(good: np.ndarray, defect: np.ndarray) -> np.ndarray:
+def roc_plot(good: np.ndarray, defect: np.ndarray) -> str:
+    """PNG data URI: detection rate against false-reject rate."""
     from engines.metrics import roc_curve
 
     labels = np.r_[np.zeros(len(good)), np.ones(len(defect))]
     fpr, tpr, _ = roc_curve(labels, np.r_[good, defect])
-    img = _canvas()
-    pts = np.stack([M + fpr * (W - 10 - M), (H - M) - tpr * (H - M - 10)], 1).astype(np.int32)
-    cv2.line(img, (M, H - M), (W - 10, 10), (180, 180, 180), 1)
-    cv2.polylines(img, [pts], False, DEFECT, 2)
-    _axes(img, 0, 1, "false-reject rate (good parts)", "detection rate")
-    return img
+    fig, ax = _new_figure()
+    ax.plot([0, 1], [0, 1], color="#aaaaaa", lw=1)
+    ax.plot(fpr, tpr, color=DEFECT, lw=2)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false-reject rate (good parts)")
+    ax.set_ylabel("detection rate (defect parts)")
+    ax.grid(alpha=0.3)
+    return _figure_uri(fig)
 
 
 def _thumb(img: np.ndarray | None, amap: np.ndarray, hi: float) -> str | None:
@@ -111,7 +106,7 @@ def write_report(
         "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
         ".warn{background:#fee;border:1px solid #c00;padding:8px}.ex img{width:160px;margin:4px}"
-        ".ex figure{display:inline-block;margin:4px;font-size:12px}</style></head><body>",
+        ".ex figure{display:inline-block;margin:4px;font-size:12px}img.plot{max-width:100%}</style></head><body>",
         f"<h1>Calibration {esc(cal.id)}</h1>",
         "<table>",
         f"<tr><th>model (ONNX sha256)</th><td>{esc(cal.model_onnx_sha256)}</td></tr>",
@@ -136,10 +131,11 @@ def write_report(
         if dreport.get("warning"):
             parts.append(f"<p class='warn'>{esc(dreport['warning'])}</p>")
     parts.append("<h2>Score histogram</h2>")
-    parts.append(f"<img alt='histogram' src='{histogram_plot(good.scores, defects.scores, cal.image_threshold)}'>")
+    hist = histogram_plot(good.scores, defects.scores, cal.image_threshold)
+    parts.append(f"<img class='plot' alt='histogram' src='{hist}'>")
     if len(defects.scores):
         parts.append("<h2>ROC</h2>")
-        parts.append(f"<img alt='roc' src='{roc_plot(good.scores, defects.scores)}'>")
+        parts.append(f"<img class='plot' alt='roc' src='{roc_plot(good.scores, defects.scores)}'>")
     hi = max(cal.pixel_threshold * 1.5, 1e-3)
     for title, group in (("Highest-scoring good parts", good), ("Defect parts", defects)):
         if group.maps is None or not len(group.scores) or group.loader is None:

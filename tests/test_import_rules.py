@@ -33,6 +33,14 @@ import pytest
         "calibration.stats",
         "calibration.wizard",
         "calibration.report",
+        "calibration.whatif",
+        # the station page
+        "edge_app.live",
+        "edge_app.logview",
+        "edge_app.web",
+        "edge_app.web.app",
+        "edge_app.web.auth",
+        "edge_app.web.station",
     ],
 )
 def test_module_does_not_import_torch(module):

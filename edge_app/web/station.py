@@ -100,7 +100,8 @@ class Station:
             verdicts={k: int(svc.counts.get(k, 0)) for k in ("ok", "ng", "not_inspected")},
             not_inspected=ni,
             queue_depth=svc.queue.qsize(),
-            outbox_backlog=svc.outbox.backlog(),
+            # the gauge housekeeping sets every tick: the page never queries under the line's log lock
+            outbox_backlog=int(m.get("outbox_backlog")),
             unstored=svc.outbox.waiting(),
             mqtt_connected=bool(svc.publisher.connected),
             mqtt_error=svc.publisher.last_error,

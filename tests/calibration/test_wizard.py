@@ -55,6 +55,14 @@ def test_calibrate_by_flags_writes_file_and_report(tmp_path, exported_bundle, go
     assert "miss rate" in text and "zero-miss threshold" in text and "rule: gpd" in text
     html = out.with_suffix(".html").read_text()
     assert html.count("data:image/png;base64,") >= 4  # histogram, ROC, example heatmaps
+    import base64
+    import re
+
+    srcs = re.findall(r"<img[^>]* src='([^']*)'", html)
+    assert len(srcs) >= 4
+    for src in srcs:  # every picture is a real PNG (the plots once carried a numpy array's text)
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Highest-scoring good parts" in html
     # the service side reads it and binds it to the model
     from calibration.calibfile import load_calibration
