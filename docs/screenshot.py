@@ -1,7 +1,7 @@
 """Screenshot of a running station page for the README (headless Debian chromium, nothing downloaded).
 
-    lineinspect demo --keep-open 120 &     # prints the page's address
-    python docs/screenshot.py http://127.0.0.1:8080/ docs/station-live.png
+lineinspect demo --keep-open 120 &     # prints the page's address
+python docs/screenshot.py http://127.0.0.1:8080/ docs/station-live.png
 """
 
 from __future__ import annotations

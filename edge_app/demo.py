@@ -85,6 +85,29 @@ def line_images(parts: Path, out: Path) -> list[str]:
     return truth
 
 
+def _summary(results: list[dict], truth: list[str], work: Path, t_start: float, keep_open: float) -> None:
+    by_seq = {int(r["part_id"]): r for r in results}
+    defects = [i for i, t in enumerate(truth, 1) if t != "good"]
+    goods = [i for i, t in enumerate(truth, 1) if t == "good"]
+    caught = sum(by_seq.get(i, {}).get("verdict") == "ng" for i in defects)
+    passed = sum(by_seq.get(i, {}).get("verdict") == "ok" for i in goods)
+    counts = {v: sum(r["verdict"] == v for r in results) for v in ("ok", "ng", "not_inspected")}
+    lat = sorted(r["latency_ms"].get("total", 0) for r in results)
+    print()
+    print("summary")
+    print(
+        f"  parts {len(truth)}, verdicts received {len(results)}: ok {counts['ok']}, ng {counts['ng']}, "
+        f"not_inspected {counts['not_inspected']}"
+    )
+    print(f"  defects caught {caught}/{len(defects)}, good parts passed {passed}/{len(goods)}")
+    if lat:
+        print(f"  grab-to-decision latency p50 {lat[len(lat) // 2]:.1f} ms, max {lat[-1]:.1f} ms")
+    print(f"  everything is in {work} (station.yaml, calibration.html, decisions.sqlite, archive/)")
+    if keep_open <= 0:
+        print("  to look at the station page after the parts: lineinspect demo --keep-open 600")
+    print(f"  demo took {time.monotonic() - t_start:.0f} s")
+
+
 def main_demo(args) -> int:
     import paho.mqtt.client as mqtt
 
@@ -180,8 +203,13 @@ def main_demo(args) -> int:
     )
     try:
         done.wait(timeout=max(120.0, 3 * len(truth) / args.rate_hz))
+        _summary(results, truth, work, t_start, args.keep_open)
         if args.keep_open > 0:
-            print(f"{STEP}keeping the station and its page open for {args.keep_open:.0f} s (Ctrl-C ends)", flush=True)
+            print(
+                f"{STEP}keeping the station and its page open for {args.keep_open:.0f} s: "
+                f"http://127.0.0.1:{web_port}/ (Ctrl-C ends)",
+                flush=True,
+            )
             with contextlib.suppress(KeyboardInterrupt):
                 time.sleep(args.keep_open)
     finally:
@@ -192,24 +220,4 @@ def main_demo(args) -> int:
         broker.terminate()
         broker.wait(10)
 
-    by_seq = {int(r["part_id"]): r for r in results}
-    defects = [i for i, t in enumerate(truth, 1) if t != "good"]
-    goods = [i for i, t in enumerate(truth, 1) if t == "good"]
-    caught = sum(by_seq.get(i, {}).get("verdict") == "ng" for i in defects)
-    passed = sum(by_seq.get(i, {}).get("verdict") == "ok" for i in goods)
-    counts = {v: sum(r["verdict"] == v for r in results) for v in ("ok", "ng", "not_inspected")}
-    lat = sorted(r["latency_ms"].get("total", 0) for r in results)
-    print()
-    print("summary")
-    print(
-        f"  parts {len(truth)}, verdicts received {len(results)}: ok {counts['ok']}, ng {counts['ng']}, "
-        f"not_inspected {counts['not_inspected']}"
-    )
-    print(f"  defects caught {caught}/{len(defects)}, good parts passed {passed}/{len(goods)}")
-    if lat:
-        print(f"  grab-to-decision latency p50 {lat[len(lat) // 2]:.1f} ms, max {lat[-1]:.1f} ms")
-    print(f"  everything is in {work} (station.yaml, calibration.html, decisions.sqlite, archive/)")
-    if args.keep_open <= 0:
-        print("  to look at the station page after the parts: lineinspect demo --keep-open 600")
-    print(f"  demo took {time.monotonic() - t_start:.0f} s")
     return 0 if len(results) == len(truth) else 1

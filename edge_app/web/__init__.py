@@ -8,6 +8,7 @@ reasons and goes on inspecting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -71,6 +72,7 @@ class WebServer:
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name="web", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def port(self) -> int:
@@ -84,13 +86,17 @@ class WebServer:
         return f"{'https' if self.cfg.tls else 'http'}://{host}:{self.port}/"
 
     def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
         try:
-            asyncio.run(self.server.serve(sockets=[self.sock]))
+            self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
             if not self.server.should_exit:
                 self.error = "the page's server stopped"
         except BaseException as exc:  # the page may die; the line must not
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("the station page stopped; inspection goes on")
+        finally:
+            with contextlib.suppress(Exception):
+                self.loop.close()
 
     def start(self) -> None:
         self.thread.start()

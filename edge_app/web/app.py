@@ -224,6 +224,11 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
         except StoreError as exc:
             return error(request, 503, str(exc))
         params = {k: v for k, v in request.query_params.items() if k in ("part_id", "from", "to", "verdict")}
+        shown = {}  # row id -> the archived picture to show (heatmap, else the image), None when not archived
+        for r in result.rows:
+            if r.verdict != "ok":
+                image, heat = station.archived(r)
+                shown[r.id] = "heat" if heat.is_file() else "image" if image.is_file() else None
         return page(
             request,
             "history.html",
@@ -232,6 +237,7 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
             qs=urllib.parse.urlencode(params),
             verdicts=VERDICTS,
             labels=REVIEW_LABELS,
+            shown=shown,
         )
 
     async def calibration(request: Request) -> Response:
@@ -529,17 +535,20 @@ def _method_text(cal) -> str:
 
 
 def _drift(cal, recent) -> dict[str, Any] | None:
-    """The calibration's drift check on the recent parts an operator did not confirm as defective."""
+    """The calibration's drift check (KS) on the recent parts that passed, against the calibration's
+    good parts below the same threshold: both samples cut at the threshold alike, so that the
+    defects on the line do not read as drift."""
     import numpy as np
 
     from calibration.stats import drift_check
 
+    thr = cal.image_threshold
     ref = np.asarray(cal.extra.get("good_scores") or [], np.float64)
-    new = np.asarray([p.score for p in recent if p.review != "confirmed_defect"], np.float64)
+    ref = ref[ref < thr]
+    new = np.asarray([p.score for p in recent if p.verdict == "ok" and p.review != "confirmed_defect"], np.float64)
     if len(ref) < 10 or len(new) < 30:
         return None
-    res = drift_check(ref, new, cal.image_threshold, float(cal.expected_false_reject_rate.get("upper", 1) or 1))
-    return res
+    return drift_check(ref, new, thr, float(cal.expected_false_reject_rate.get("upper", 1) or 1))
 
 
 def _live_payload(station: Station) -> dict[str, Any]:

@@ -61,10 +61,12 @@ def test_the_live_view_updates_by_itself_as_frames_are_inspected(driver, tmp_pat
         assert _text(driver, "figure.cam [data-field=part]") != first_part or int(_text(driver, frame)) > first_frame
         # the picture is the latest frame, drawn (a JPEG the browser decoded)
         assert until(
-            lambda: driver.execute_script(
-                "const i = document.querySelector('figure.cam img'); return i.complete && i.naturalWidth"
-            )
-            == 480,
+            lambda: (
+                driver.execute_script(
+                    "const i = document.querySelector('figure.cam img'); return i.complete && i.naturalWidth"
+                )
+                == 480
+            ),
             10,
         )
         verdict = driver.find_element("css selector", "figure.cam .verdict")

@@ -7,11 +7,9 @@ import csv
 import io
 import json
 import socket
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from calibration.calibfile import load_calibration
 from edge_app.config import load_config
@@ -305,6 +303,72 @@ def test_stalled_and_excess_live_clients_do_not_hold_the_line(tmp_path, calibrat
     finally:
         for s in socks:
             s.close()
+        svc.shutdown()
+    rows = log_rows(tmp_path / "log.sqlite")
+    assert len(rows) == svc.metrics.get("frames_total", camera="cam1")
+
+
+def test_the_page_served_over_tls_sets_a_secure_cookie(tmp_path, calibrated, broker, part_images):
+    import ssl
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    cert, key = tmp_path / "web.crt", tmp_path / "web.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    cams = [{"id": "cam1", "type": "folder", "path": str(part_images)}]
+    svc = _start(tmp_path, calibrated, broker, cams, web={"tls": {"cert_file": str(cert), "key_file": str(key)}})
+    try:
+        assert svc.web.url.startswith("https://127.0.0.1:")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(svc.web.url + "api/status", context=ctx, timeout=10) as r:
+            assert r.status == 200
+        # a plain-HTTP client gets nothing
+        with pytest.raises(OSError):
+            urllib.request.urlopen(svc.web.url.replace("https", "http") + "api/status", timeout=5).read()
+        req = urllib.request.Request(
+            svc.web.url + "login", data=f"user=alice&password={PASSWORD.replace(' ', '+')}".encode(), method="POST"
+        )
+
+        class Stop(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *a, **k):
+                return None
+
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), Stop())
+        with pytest.raises(urllib.error.HTTPError) as redirect:
+            opener.open(req, timeout=10)
+        assert redirect.value.code == 303
+        cookie = redirect.value.headers["set-cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    finally:
+        svc.shutdown()
+
+
+def test_the_page_crashing_leaves_the_line_inspecting_and_says_so(tmp_path, calibrated, broker, part_images):
+    cams = [{"id": "cam1", "type": "folder", "path": str(part_images), "loop": True, "rate_hz": 30}]
+    svc = _start(tmp_path, calibrated, broker, cams)
+    try:
+        c = Client(svc.web.url)
+        assert c.get("/api/status").status == 200
+        # a handler that raises: that request fails, the page and the line go on
+        original = svc.web.station.snapshot
+        svc.web.station.snapshot = lambda: 1 / 0
+        assert c.get("/api/status").status == 500
+        svc.web.station.snapshot = original
+        assert c.get("/api/status").status == 200
+        # the page's event loop dies under it
+        svc.web.loop.call_soon_threadsafe(svc.web.loop.stop)
+        assert until(lambda: not svc.web.thread.is_alive(), 10)
+        start = sum(svc.counts.values())
+        assert until(lambda: sum(svc.counts.values()) >= start + 30, 30)
+        health = svc.check_health()
+        assert not health.restart
+        assert any(r.startswith("station page not served: RuntimeError") for r in health.reasons), health.reasons
+    finally:
         svc.shutdown()
     rows = log_rows(tmp_path / "log.sqlite")
     assert len(rows) == svc.metrics.get("frames_total", camera="cam1")
