@@ -76,4 +76,25 @@ def deep_check(cfg: ServiceConfig) -> list[Problem]:
         why = _writable_dir_for(getattr(cfg.storage, name))
         if why:
             problems.append((("storage", name), why, str(getattr(cfg.storage, name))))
+    web = cfg.web
+    if web.enabled:
+        if web.tls:
+            for name in ("cert_file", "key_file"):
+                why = _readable_file(getattr(web.tls, name))
+                if why:
+                    problems.append((("web", "tls", name), why, str(getattr(web.tls, name))))
+        if web.auth.users_file or web.auth.users_credential:
+            from edge_app.web.auth import load_users
+
+            try:
+                load_users(web.auth)
+            except ValueError as exc:
+                where = "users_file" if web.auth.users_file else "users_credential"
+                problems.append(
+                    (("web", "auth", where), str(exc), str(web.auth.users_file or web.auth.users_credential))
+                )
+        if web.review_dir:
+            why = _writable_dir_for(web.review_dir / "x")
+            if why:
+                problems.append((("web", "review_dir"), why, str(web.review_dir)))
     return problems

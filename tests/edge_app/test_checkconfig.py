@@ -75,6 +75,11 @@ def test_missing_and_mismatched_files_are_named(tmp_path, calibrated, part_image
             "password_file": str(tmp_path / "no-password"),
             "tls": {"ca_file": str(tmp_path / "nope.pem")},
         },
+        web={
+            "port": 0,
+            "tls": {"cert_file": str(tmp_path / "no-web.crt"), "key_file": str(tmp_path / "ca.pem")},
+            "auth": {"users_file": str(tmp_path / "ca.pem")},
+        },
     )
     data = yaml.safe_load(cfg.read_text())
     data["cameras"][0]["path"] = str(tmp_path / "no-camera-dir")
@@ -85,6 +90,8 @@ def test_missing_and_mismatched_files_are_named(tmp_path, calibrated, part_image
     assert "cameras.0.path (line" in err and "image folder not found" in err
     assert "mqtt.tls.ca_file (line" in err and "file not found" in err
     assert "mqtt.password_file (line" in err and "no-password" in err
+    assert "web.tls.cert_file (line" in err and "no-web.crt" in err and "web.tls.key_file" not in err
+    assert "web.auth.users_file (line" in err and "expected 'name:secret'" in err
     assert main(["check-config", "--schema-only", str(cfg)]) == 0, "the schema alone is fine"
     # a bundle whose model.onnx is damaged
     broken = tmp_path / "bundle"
