@@ -429,20 +429,24 @@ def load_config(path: Path) -> ServiceConfig:
         raise ConfigError(path, problems) from exc
 
 
-def read_secret(cfg: MqttConfig) -> str | None:
-    """The MQTT password from its file or systemd credential; clear errors, never logged."""
-    if cfg.password_file:
-        p = Path(cfg.password_file)
-    elif cfg.password_credential:
+def secret_path(file: Path | None, credential: str | None, key: str) -> Path | None:
+    """Where a secret lives: its file, or the systemd credential of that name ($CREDENTIALS_DIRECTORY);
+    ``key`` is the config key named in the error (e.g. ``mqtt.password_credential``)."""
+    if file:
+        return Path(file)
+    if credential:
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
         if not cred_dir:
-            msg = (
-                f"mqtt.password_credential {cfg.password_credential!r} set, but CREDENTIALS_DIRECTORY is not "
-                "(run under systemd with LoadCredential=)"
-            )
+            msg = f"{key} {credential!r} set, but CREDENTIALS_DIRECTORY is not (run under systemd with LoadCredential=)"
             raise ValueError(msg)
-        p = Path(cred_dir) / cfg.password_credential
-    else:
+        return Path(cred_dir) / credential
+    return None
+
+
+def read_secret(cfg: MqttConfig) -> str | None:
+    """The MQTT password from its file or systemd credential; clear errors, never logged."""
+    p = secret_path(cfg.password_file, cfg.password_credential, "mqtt.password_credential")
+    if p is None:
         return None
     try:
         return p.read_text().rstrip("\r\n")

@@ -215,14 +215,21 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
     async def live(request: Request) -> Response:
         return page(request, "live.html", cameras=station.camera_ids(), max_hz=cfg.live_max_hz)
 
-    async def history(request: Request) -> Response:
+    async def search(request: Request):
+        """The history search of a request: (query, page) or the error response to send."""
         try:
             q = query_from(request.query_params)
-            result = await asyncio.to_thread(station.log.search, q)
+            return q, await asyncio.to_thread(station.log.search, q)
         except BadInputError as exc:
             return error(request, 400, str(exc))
         except StoreError as exc:
             return error(request, 503, str(exc))
+
+    async def history(request: Request) -> Response:
+        found = await search(request)
+        if isinstance(found, Response):
+            return found
+        _, result = found
         params = {k: v for k, v in request.query_params.items() if k in ("part_id", "from", "to", "verdict")}
         shown = {}  # row id -> the archived picture to show (heatmap, else the image), None when not archived
         for r in result.rows:
@@ -381,13 +388,10 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
         return JSONResponse(_live_payload(station), headers=SECURITY_HEADERS)
 
     async def api_verdicts(request: Request) -> Response:
-        try:
-            q = query_from(request.query_params)
-            result = await asyncio.to_thread(station.log.search, q)
-        except BadInputError as exc:
-            return error(request, 400, str(exc))
-        except StoreError as exc:
-            return error(request, 503, str(exc))
+        found = await search(request)
+        if isinstance(found, Response):
+            return found
+        q, result = found
         return JSONResponse(
             {
                 "total": result.total,

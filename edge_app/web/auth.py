@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_app.config import WebAuthConfig
+from edge_app.config import WebAuthConfig, secret_path
 
 SCRYPT = (2**14, 8, 1)
 COOKIE = "lineinspect_session"
@@ -57,18 +57,7 @@ def check_password(password: str, secret: str) -> bool:
 
 
 def users_path(cfg: WebAuthConfig) -> Path | None:
-    if cfg.users_file:
-        return Path(cfg.users_file)
-    if cfg.users_credential:
-        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not cred_dir:
-            msg = (
-                f"web.auth.users_credential {cfg.users_credential!r} set, but CREDENTIALS_DIRECTORY is not "
-                "(run under systemd with LoadCredential=)"
-            )
-            raise ValueError(msg)
-        return Path(cred_dir) / cfg.users_credential
-    return None
+    return secret_path(cfg.users_file, cfg.users_credential, "web.auth.users_credential")
 
 
 def load_users(cfg: WebAuthConfig) -> dict[str, str]:
