@@ -40,8 +40,28 @@ VARIANTS = {
     "full": {"simam": True, "sspcab": True},
 }
 # the settings that make a row's network (with dataset and seed: a row's identity)
-NET_KEYS = ("taps", "student_expand", "distance", "hard_quantile", "epochs", "crop_size", "lr")
-OLD_DEFAULTS = {"student_expand": 6, "distance": "cosine", "hard_quantile": None, "crop_size": None, "lr": 1e-3}
+NET_KEYS = (
+    "taps",
+    "student_expand",
+    "distance",
+    "hard_quantile",
+    "epochs",
+    "crop_size",
+    "lr",
+    "position_spread_images",
+)
+OLD_DEFAULTS = {
+    "student_expand": 6,
+    "distance": "cosine",
+    "hard_quantile": None,
+    "crop_size": None,
+    "lr": 1e-3,
+    "position_spread_images": 0,  # rows from before the per-position spread: one spread for the map
+}
+
+
+# TrainConfig settings accuracy.py takes from its command line
+OPTIONS = ("student_expand", "distance", "hard_quantile", "crop_size", "lr", "epochs", "position_spread_images")
 
 
 def _key(row: dict) -> tuple:
@@ -87,6 +107,11 @@ def main() -> int:
     ap.add_argument("--no-hard-quantile", action="store_true", help="train without hard-feature mining")
     ap.add_argument("--crop-size", type=int, help="train on random crops of this size (default: the model's)")
     ap.add_argument("--lr", type=float, help="learning rate (default: the model's)")
+    ap.add_argument(
+        "--position-spread-images",
+        type=int,
+        help="training images for the per-position spread of good maps (0: one spread, the previous default)",
+    )
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
     ap.add_argument("--peer-coreset", type=float, default=0.01, help="PatchCore coreset ratio")
@@ -106,7 +131,7 @@ def main() -> int:
         peer = None
         for variant in args.variants:
             extra = {"taps": args.taps} if args.taps else {}
-            for name in ("student_expand", "distance", "hard_quantile", "crop_size", "lr", "epochs"):
+            for name in OPTIONS:
                 if getattr(args, name) is not None:
                     extra[name] = getattr(args, name)
             if args.no_hard_quantile:
@@ -139,7 +164,8 @@ def main() -> int:
             if peer is None and not args.no_peer:
                 peer = _run_peer(data, args, train_paths, held_out)
             is_default = variant == "full" and all(
-                getattr(cfg, k) == getattr(shipped, k) for k in ("taps", "student_expand", "distance", "hard_quantile")
+                getattr(cfg, k) == getattr(shipped, k)
+                for k in ("taps", "student_expand", "distance", "hard_quantile", "position_spread_images")
             )
             row = {
                 "dataset": ds,
@@ -151,6 +177,7 @@ def main() -> int:
                 "student_expand": cfg.student_expand,
                 "distance": cfg.distance,
                 "hard_quantile": cfg.hard_quantile,
+                "position_spread_images": cfg.position_spread_images,
                 "crop_size": cfg.crop_size,
                 "lr": cfg.lr,
                 "seed": cfg.seed,

@@ -219,7 +219,8 @@ class KDModel(nn.Module):
         # Per-position mean of the fused map on good images (removes systematic hot spots such as
         # the border rows that TF SAME padding makes) and the spread left after it.
         self.register_buffer("pos_mean", torch.zeros(1, 1, self.fuse_size, self.fuse_size))
-        self.register_buffer("pos_std", torch.ones(()))
+        # per-position spread of good maps (one value everywhere for bundles from before it)
+        self.register_buffer("pos_std", torch.ones(1, 1, self.fuse_size, self.fuse_size))
         # bilinear resizes as matrix products (not persistent: rebuilt from the config)
         for i, stride in enumerate(tap_strides(cfg.taps)):
             n = cfg.image_size // stride
@@ -315,8 +316,10 @@ class KDModel(nn.Module):
         return self
 
     def set_scale_stats(
-        self, mean: list[float], std: list[float], pos_mean: list | None = None, pos_std: float | None = None
+        self, mean: list[float], std: list[float], pos_mean: list | None = None, pos_std: float | list | None = None
     ) -> None:
+        """``pos_std``: one spread for the whole map (bundles before per-position statistics) or a
+        per-position map at the fusion size."""
         self.scale_mean.copy_(torch.tensor(mean, dtype=torch.float32))
         self.scale_std.copy_(torch.tensor(std, dtype=torch.float32).clamp_min(1e-8))
         if pos_mean is None:
@@ -327,7 +330,14 @@ class KDModel(nn.Module):
                 msg = f"pos_mean has shape {tuple(pm.shape)}, expected {tuple(self.pos_mean.shape[-2:])}"
                 raise ValueError(msg)
             self.pos_mean.copy_(pm.view_as(self.pos_mean))
-        self.pos_std.fill_(1.0 if pos_std is None else max(float(pos_std), 1e-8))
+        if isinstance(pos_std, list):
+            ps = torch.tensor(pos_std, dtype=torch.float32)
+            if ps.shape != self.pos_std.shape[-2:]:
+                msg = f"pos_std has shape {tuple(ps.shape)}, expected {tuple(self.pos_std.shape[-2:])}"
+                raise ValueError(msg)
+            self.pos_std.copy_(ps.clamp_min(1e-8).view_as(self.pos_std))
+        else:
+            self.pos_std.fill_(1.0 if pos_std is None else max(float(pos_std), 1e-8))
 
     def set_feature_stats(self, mean: list[list[float]], std: list[list[float]]) -> None:
         """Per-tap, per-channel mean / std of the teacher's features (distance "l2")."""

@@ -40,6 +40,12 @@ class TrainConfig(BaseModel):
         0.1, ge=0.0, lt=0.9, description="fraction of good images held out for validation and map statistics"
     )
     max_train_images: int | None = Field(None, ge=1, description="use at most this many good images (None: all)")
+    position_spread_images: int = Field(
+        300,
+        ge=0,
+        description="training images added to the held-out ones to estimate the good maps' per-position spread "
+        "(0: one spread for the whole map, as before)",
+    )
     augment: Literal["none", "flip"] = Field("flip", description="training augmentation: none, or random h/v flips")
     crop_size: int | None = Field(
         None,
@@ -202,8 +208,16 @@ def compute_feature_stats(model: KDModel, images: np.ndarray, batch_size: int = 
 
 
 @torch.no_grad()
-def compute_map_stats(model: KDModel, images: np.ndarray, batch_size: int = 16) -> dict[str, Any]:
-    """Per-scale mean/std of the raw discrepancy maps on good images; sets them on the model."""
+def compute_map_stats(
+    model: KDModel, images: np.ndarray, batch_size: int = 16, spread_images: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Per-scale mean/std of the raw discrepancy maps on good images; sets them on the model.
+
+    The fused map is then centred by the good images' per-position mean and scaled by the spread
+    around it: one number for the whole map, or with ``spread_images`` (more good parts, e.g.
+    training images) a per-position spread estimated on ``images`` and those together. Parts
+    whose corners and edges always disagree a little (the teacher's padding) then stop scoring
+    there as if it were a defect."""
     model.eval()
     device = next(model.student.parameters()).device
     n = len(model.cfg.taps)
@@ -227,7 +241,16 @@ def compute_map_stats(model: KDModel, images: np.ndarray, batch_size: int = 16) 
         fused.append(model.fuse_raw(model.scale_maps(t, s)).cpu())
     fused_all = torch.cat(fused)
     pos_mean = fused_all.mean(dim=0)[0]
-    pos_std = float((fused_all - pos_mean).std())
+    pos_std: float | list = float((fused_all - pos_mean).std())
+    if spread_images is not None and len(spread_images):
+        more = [fused_all]
+        for i in range(0, len(spread_images), batch_size):
+            t, s, _ = model.features(to_tensor(spread_images[i : i + batch_size], device))
+            more.append(model.fuse_raw(model.scale_maps(t, s)).cpu())
+        spread = torch.cat(more)
+        per_pos = (spread - spread.mean(dim=0, keepdim=True)).std(dim=0)[0]
+        # floor at a tenth of the global spread: a position that never moves must not blow up
+        pos_std = [[round(v, 5) for v in row] for row in per_pos.clamp_min(0.1 * pos_std).tolist()]
     model.set_scale_stats(mean.tolist(), std.tolist(), pos_mean.tolist(), pos_std)
     _, scores = predict(model, images, batch_size)
     q = np.quantile(scores, [0.5, 0.9, 0.99, 1.0]).tolist() if len(scores) else [float("nan")] * 4
@@ -418,7 +441,11 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
         progress.close()
 
     model.student.load_state_dict(best_state)
-    stats = feature_stats | compute_map_stats(model, val_imgs)
+    spread = None
+    if cfg.position_spread_images:
+        pick = np.random.default_rng(cfg.seed).permutation(len(train_imgs))[: cfg.position_spread_images]
+        spread = train_imgs[np.sort(pick)]
+    stats = feature_stats | compute_map_stats(model, val_imgs, spread_images=spread)
     train_seconds = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
     buf = _state_bytes(model.student.state_dict())

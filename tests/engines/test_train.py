@@ -161,3 +161,32 @@ def test_bundles_from_before_the_l2_distance_load_as_cosine(tmp_path: Path, synt
     (tmp_path / "new" / "model.json").write_text(json.dumps(meta))
     with pytest.raises(bundle_mod.BundleError, match=r"distance l2 but has no map_stats\.feature_mean"):
         load_bundle_model(tmp_path / "new")
+
+
+def test_the_map_is_scaled_by_the_good_parts_per_position_spread(tmp_path, synthetic_root):
+    """New bundles carry a per-position spread (fusion size); older ones one number, and both load."""
+    import numpy as np
+
+    from engines.data import load_images
+
+    cfg = TrainConfig(image_size=64, epochs=1, max_train_images=12, num_threads=1, device="cpu")
+    assert cfg.position_spread_images == 300
+    train(synthetic_root, tmp_path / "pos", cfg, quiet=True)
+    meta = json.loads((tmp_path / "pos" / "model.json").read_text())
+    ps = np.array(meta["map_stats"]["pos_std"])
+    model = load_bundle_model(tmp_path / "pos")
+    assert ps.shape == tuple(model.pos_std.shape[-2:]) and (ps > 0).all()
+    assert float(ps.min()) >= 0.1 * float(np.median(ps)) - 1e-6 and ps.std() > 0  # it varies by position
+    assert np.allclose(model.pos_std[0, 0].numpy(), ps, atol=1e-5)
+    # the same bundle with one spread (as bundles before) loads and scores with it
+    meta["map_stats"]["pos_std"] = 1.5
+    (tmp_path / "pos" / "model.json").write_text(json.dumps(meta))
+    old = load_bundle_model(tmp_path / "pos")
+    assert (old.pos_std == 1.5).all()
+    imgs = load_images(sorted((synthetic_root / "test" / "good").iterdir())[:2], 64)
+    assert not np.allclose(predict(model, imgs)[0], predict(old, imgs)[0])
+    cfg0 = TrainConfig(
+        image_size=64, epochs=1, max_train_images=12, num_threads=1, device="cpu", position_spread_images=0
+    )
+    train(synthetic_root, tmp_path / "global", cfg0, quiet=True)
+    assert isinstance(json.loads((tmp_path / "global" / "model.json").read_text())["map_stats"]["pos_std"], float)
