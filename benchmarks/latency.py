@@ -67,7 +67,12 @@ def ensure_bundle(path: Path | None, size: int, overrides: dict | None = None, n
     if (work / "model.json").is_file():
         cached = json.loads((work / "model.json").read_text())
         # reuse it only while it still is the network asked for (a changed default retrains it)
-        if cached.get("onnx") and cached.get("net") == cfg.net_config().to_json():
+        per_position = isinstance(cached.get("map_stats", {}).get("pos_std"), list)
+        if (
+            cached.get("onnx")
+            and cached.get("net") == cfg.net_config().to_json()
+            and per_position == (cfg.position_spread_images > 0)
+        ):
             return work
     from engines.export import export_bundle
     from engines.synthetic import make_dataset
