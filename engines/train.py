@@ -207,6 +207,15 @@ def compute_feature_stats(model: KDModel, images: np.ndarray, batch_size: int = 
     return {"feature_mean": mean, "feature_std": std}
 
 
+def _fused_raw(model: KDModel, images: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The fused maps at the fusion size, before the per-position statistics: (N, 1, h, w) on the CPU."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        t, s, _ = model.features(to_tensor(images[i : i + batch_size], device))
+        out.append(model.fuse_raw(model.scale_maps(t, s)).cpu())
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def compute_map_stats(
     model: KDModel, images: np.ndarray, batch_size: int = 16, spread_images: np.ndarray | None = None
@@ -235,19 +244,11 @@ def compute_map_stats(
     std = np.sqrt(np.maximum(s2 / count - mean**2, 1e-12))
     model.set_scale_stats(mean.tolist(), std.tolist())
     # second pass: per-position mean of the fused map (at the fusion size) and the spread around it
-    fused = []
-    for i in range(0, len(images), batch_size):
-        t, s, _ = model.features(to_tensor(images[i : i + batch_size], device))
-        fused.append(model.fuse_raw(model.scale_maps(t, s)).cpu())
-    fused_all = torch.cat(fused)
+    fused_all = _fused_raw(model, images, batch_size, device)
     pos_mean = fused_all.mean(dim=0)[0]
     pos_std: float | list = float((fused_all - pos_mean).std())
     if spread_images is not None and len(spread_images):
-        more = [fused_all]
-        for i in range(0, len(spread_images), batch_size):
-            t, s, _ = model.features(to_tensor(spread_images[i : i + batch_size], device))
-            more.append(model.fuse_raw(model.scale_maps(t, s)).cpu())
-        spread = torch.cat(more)
+        spread = torch.cat([fused_all, _fused_raw(model, spread_images, batch_size, device)])
         per_pos = (spread - spread.mean(dim=0, keepdim=True)).std(dim=0)[0]
         # floor at a tenth of the global spread: a position that never moves must not blow up
         pos_std = [[round(v, 5) for v in row] for row in per_pos.clamp_min(0.1 * pos_std).tolist()]

@@ -108,6 +108,17 @@ def _fmt_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int((t % 1) * 1000):03d}"
 
 
+def _local(path: str | None, default: str, prefix: str = "/") -> str:
+    """A redirect target from a form or a URL: a path on this page under ``prefix``, else ``default``
+    (never another site: "//host" is refused)."""
+    return path if path and path.startswith(prefix) and not path.startswith("//") else default
+
+
+def _with_done(path: str, code: str) -> str:
+    """``path`` asking its page to show one of the fixed ``DONE`` texts."""
+    return f"{path}{'&' if '?' in path else '?'}done={code}"
+
+
 def query_from(params) -> Query:
     verdict = params.get("verdict") or None
     if verdict is not None and verdict not in VERDICTS:
@@ -130,6 +141,16 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
     env.filters["t"] = _fmt_time
     clients = {"n": 0}
     secure_cookie = cfg.tls is not None
+    latest = {"key": None, "json": ""}  # the live payload, shared by every open page
+
+    def live_json() -> str:
+        """The live stream's payload as JSON, built once per new verdict and at most once a second,
+        however many pages are open (the rates and percentiles are not recomputed per client)."""
+        key = (station.board.version, int(time.monotonic()))
+        if latest["key"] != key:
+            latest["json"] = json.dumps(_live_payload(station))
+            latest["key"] = key
+        return latest["json"]
 
     def session_of(request: Request) -> Session | None:
         return sessions.get(request.cookies.get(COOKIE))
@@ -192,19 +213,22 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
             audit_id = station.audit(s.user, remote, action, detail)
         except StoreError as exc:
             return error(request, 503, f"nothing changed: the audit row cannot be written ({exc})")
+
+        def finish(outcome: str) -> None:
+            try:
+                station.audit_outcome(audit_id, outcome)
+            except StoreError:
+                log.warning("audit row %d: outcome not written (%s)", audit_id, outcome)
+
         try:
-            result = await asyncio.to_thread(run)
+            outcome, redirect = await asyncio.to_thread(run)
         except (BadInputError, ValueError) as exc:
-            station.audit_outcome(audit_id, f"refused: {exc}")
+            finish(f"refused: {exc}")
             return error(request, 400, str(exc))
         except (StoreError, OSError) as exc:
-            station.audit_outcome(audit_id, f"failed: {exc}")
+            finish(f"failed: {exc}")
             return error(request, 503, f"failed: {exc}")
-        outcome, redirect = result
-        try:
-            station.audit_outcome(audit_id, outcome)
-        except StoreError:
-            log.warning("audit row %d: outcome not written (%s)", audit_id, outcome)
+        finish(outcome)
         if request.headers.get("x-csrf-token") or request.headers.get("content-type", "").startswith(
             "application/json"
         ):
@@ -247,18 +271,27 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
             shown=shown,
         )
 
-    async def calibration(request: Request) -> Response:
+    async def whatif_of(request: Request, param: str, label: str, required: bool):
+        """(calibration, n, recent parts, what-if or None) for a request, or the error response to send."""
         cal = station.calibration()
         try:
             n = _int(request.query_params.get("n"), "n", cfg.whatif_parts, 10, 1_000_000)
-            t = _num(request.query_params.get("whatif"), "whatif threshold")
+            t = _num(request.query_params.get(param), label)
+            if t is None and required:
+                raise BadInputError(f"give {param}")
             recent = await asyncio.to_thread(station.log.recent_scored, n)
             reviewed = await asyncio.to_thread(station.log.reviewed)
-            result = what_if(t, cal.image_threshold, recent, reviewed) if t is not None else None
+            return cal, n, recent, what_if(t, cal.image_threshold, recent, reviewed) if t is not None else None
         except (BadInputError, ValueError) as exc:
             return error(request, 400, str(exc))
         except StoreError as exc:
             return error(request, 503, str(exc))
+
+    async def calibration(request: Request) -> Response:
+        found = await whatif_of(request, "whatif", "whatif threshold", required=False)
+        if isinstance(found, Response):
+            return found
+        cal, n, recent, result = found
         drift = _drift(cal, recent)
         return page(
             request,
@@ -279,8 +312,7 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
         return page(request, "model.html", m=info)
 
     async def login_page(request: Request) -> Response:
-        nxt = request.query_params.get("next", "/")
-        return page(request, "login.html", next=nxt if nxt.startswith("/") and not nxt.startswith("//") else "/")
+        return page(request, "login.html", next=_local(request.query_params.get("next"), "/"))
 
     async def login(request: Request) -> Response:
         try:
@@ -293,11 +325,7 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
         except AuthError as exc:
             log.warning("page login refused for %r from %s: %s", form.get("user", "")[:40], remote, exc)
             return page(request, "login.html", status=401, message=str(exc), next=form.get("next", "/"))
-        nxt = form.get("next") or "/"
-        if not nxt.startswith("/") or nxt.startswith("//"):
-            nxt = "/"
-        sep = "&" if "?" in nxt else "?"
-        resp = RedirectResponse(f"{nxt}{sep}done=login", status_code=303)
+        resp = RedirectResponse(_with_done(_local(form.get("next"), "/"), "login"), status_code=303)
         resp.set_cookie(
             COOKIE,
             s.token,
@@ -368,16 +396,13 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
                 raise BadInputError(f"no logged part with id {row_id}")
             if row.verdict == "ok" and label == "false_reject":
                 raise BadInputError("an ok part cannot be a false reject")
-            back = form.get("back") or "/history"
-            if not back.startswith("/history"):
-                back = "/history"
-            sep = "&" if "?" in back else "?"
+            back = _local(form.get("back"), "/history", prefix="/history")
 
             def run():
                 dest = station.mark(row, label, s.user)
-                return f"{label}: {row.key}" + (
-                    f" -> {dest}" if dest else " (no archived image)"
-                ), f"{back}{sep}done=marked"
+                return f"{label}: {row.key}" + (f" -> {dest}" if dest else " (no archived image)"), _with_done(
+                    back, "marked"
+                )
 
             return {"id": row_id, "key": row.key, "label": label, "verdict": row.verdict}, run
 
@@ -385,7 +410,8 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
 
     # --- data ----------------------------------------------------------------------------------
     async def api_status(request: Request) -> Response:
-        return JSONResponse(_live_payload(station), headers=SECURITY_HEADERS)
+        payload = await asyncio.to_thread(_live_payload, station)  # fresh: a script asks right after a change
+        return JSONResponse(payload, headers=SECURITY_HEADERS)
 
     async def api_verdicts(request: Request) -> Response:
         found = await search(request)
@@ -429,18 +455,13 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
         )
 
     async def api_whatif(request: Request) -> Response:
-        cal = station.calibration()
-        try:
-            t = _num(request.query_params.get("threshold"), "threshold")
-            if t is None:
-                raise BadInputError("give threshold")
-            n = _int(request.query_params.get("n"), "n", cfg.whatif_parts, 10, 1_000_000)
-            recent = await asyncio.to_thread(station.log.recent_scored, n)
-            reviewed = await asyncio.to_thread(station.log.reviewed)
-            w = what_if(t, cal.image_threshold, recent, reviewed)
-        except (BadInputError, ValueError) as exc:
-            return error(request, 400, str(exc))
-        return JSONResponse({**w.__dict__, "reject_rate": w.reject_rate, "reject_rate_now": w.reject_rate_now})
+        found = await whatif_of(request, "threshold", "threshold", required=True)
+        if isinstance(found, Response):
+            return found
+        w = found[3]
+        return JSONResponse(
+            {**w.__dict__, "reject_rate": w.reject_rate, "reject_rate_now": w.reject_rate_now}, headers=SECURITY_HEADERS
+        )
 
     async def live_picture(request: Request) -> Response:
         cam = request.path_params["camera"]
@@ -475,8 +496,7 @@ def make_app(station: Station, cfg: WebConfig, sessions: Sessions) -> Starlette:
                     now = time.monotonic()
                     if station.board.version != seen or now - last_sent > 5.0:
                         seen = station.board.version
-                        payload = await asyncio.to_thread(_live_payload, station)
-                        yield f"data: {json.dumps(payload)}\n\n"
+                        yield f"data: {await asyncio.to_thread(live_json)}\n\n"
                         last_sent = now
                     await asyncio.sleep(period)
             finally:

@@ -63,6 +63,10 @@ class Applied:
     kept: str | None = None
 
 
+# where a marked part's image is collected: the layout lineinspect train / calibrate / evaluate read
+REVIEW_FOLDERS = {"false_reject": "train/good", "confirmed_defect": "test/confirmed"}
+
+
 def _precision(model_cfg) -> str:
     p = getattr(model_cfg, "precision", None)
     if p:
@@ -138,9 +142,7 @@ class Station:
             bundle=str(bundle),
             backend=rt.name,
             device=str(rt.device),
-            precision=str(
-                getattr(svc.cfg.model, "precision", None) or ("fp16" if getattr(svc.cfg.model, "fp16", None) else "f32")
-            ),
+            precision=_precision(svc.cfg.model),
             describe=rt.describe(),
             model_sha256=rt.model_sha256,
             image_size=int(rt.size),
@@ -161,11 +163,10 @@ class Station:
         new = with_image_threshold(old, threshold, user, utc_now())
         kept = replace_calibration(new, self.calibration_file(), svc.runtime.model_sha256)
         res = svc.reload_calibration()  # exactly what SIGHUP does
+        kept_s = str(kept) if kept else None
         if not res.get("ok"):
-            return Applied(False, f"written but not loaded: {res.get('error')}", old.id, str(kept) if kept else None)
-        return Applied(
-            True, f"threshold {new.image_threshold:g} in use", res["calibration_id"], str(kept) if kept else None
-        )
+            return Applied(False, f"written but not loaded: {res.get('error')}", old.id, kept_s)
+        return Applied(True, f"threshold {new.image_threshold:g} in use", res["calibration_id"], kept_s)
 
     def pause(self) -> None:
         self._svc.command("pause", {})
@@ -179,13 +180,13 @@ class Station:
         test/confirmed. Returns the collected file (None when the image was not archived)."""
         image, _ = self.archived(row)
         dest = None
-        sub = Path("train/good") if label == "false_reject" else Path("test/confirmed")
-        other = Path("test/confirmed") if label == "false_reject" else Path("train/good")
         if image.is_file():
-            dest = self.review_dir / sub / image.name
+            dest = self.review_dir / REVIEW_FOLDERS[label] / image.name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(image, dest)
-            (self.review_dir / other / image.name).unlink(missing_ok=True)  # a changed mind moves the file
+            for other, folder in REVIEW_FOLDERS.items():  # a changed mind moves the file
+                if other != label:
+                    (self.review_dir / folder / image.name).unlink(missing_ok=True)
         self._svc.db.set_review(row.key, label, user, str(dest) if dest else None)
         return str(dest) if dest else None
 
