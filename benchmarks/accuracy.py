@@ -49,8 +49,10 @@ NET_KEYS = (
     "crop_size",
     "lr",
     "position_spread_images",
+    "student",
 )
 OLD_DEFAULTS = {
+    "student": "forward",  # rows from before the reverse student existed
     "student_expand": 6,
     "distance": "cosine",
     "hard_quantile": None,
@@ -61,7 +63,16 @@ OLD_DEFAULTS = {
 
 
 # TrainConfig settings accuracy.py takes from its command line
-OPTIONS = ("student_expand", "distance", "hard_quantile", "crop_size", "lr", "epochs", "position_spread_images")
+OPTIONS = (
+    "student",
+    "student_expand",
+    "distance",
+    "hard_quantile",
+    "crop_size",
+    "lr",
+    "epochs",
+    "position_spread_images",
+)
 
 
 def _key(row: dict) -> tuple:
@@ -101,6 +112,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--taps", type=int, nargs="+", help="teacher blocks to tap (default: the model's default)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (split, initialisation, batch order)")
+    ap.add_argument("--student", choices=["forward", "reverse"], help="student shape (default: the model's)")
     ap.add_argument("--student-expand", type=int, help="student MBConv expansion ratio (default: the model's)")
     ap.add_argument("--distance", choices=["cosine", "l2"], help="per-scale discrepancy (default: the model's)")
     ap.add_argument("--hard-quantile", type=float, help="hard-feature mining quantile (default: the model's)")
@@ -141,7 +153,8 @@ def main() -> int:
             )
             train_paths, held_out = split_holdout(good_training_images(data), cfg.val_fraction, cfg.seed)
             hq = f"-hq{cfg.hard_quantile:g}" if cfg.hard_quantile is not None else ""
-            tag = f"{ds}-{variant}-{cfg.distance}{hq}-e{cfg.epochs}-s{cfg.seed}"
+            rev = "-rd" if cfg.student == "reverse" else ""
+            tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}-s{cfg.seed}"
             bundle = args.work / tag
             t0 = time.perf_counter()
             train(data, bundle, cfg, quiet=True)
@@ -165,7 +178,7 @@ def main() -> int:
                 peer = _run_peer(data, args, train_paths, held_out)
             is_default = variant == "full" and all(
                 getattr(cfg, k) == getattr(shipped, k)
-                for k in ("taps", "student_expand", "distance", "hard_quantile", "position_spread_images")
+                for k in ("taps", "student", "student_expand", "distance", "hard_quantile", "position_spread_images")
             )
             row = {
                 "dataset": ds,
@@ -174,6 +187,7 @@ def main() -> int:
                 "f1_max": _r(res["rows"][-1]["f1_max"]),
                 "epochs": cfg.epochs,
                 "taps": list(cfg.taps),
+                "student": cfg.student,
                 "student_expand": cfg.student_expand,
                 "distance": cfg.distance,
                 "hard_quantile": cfg.hard_quantile,
@@ -233,7 +247,7 @@ def ratio(r: dict, p: dict) -> str:
 def print_table(rows: list[dict], machine: str) -> None:
     print(f"\nmachine: {machine}")
     head = (
-        f"{'dataset':<17}{'variant':<8}{'dist':<7}{'ep':>3}{'seed':>5}  {'img AUROC':<16}{'px AUROC':<16}"
+        f"{'dataset':<17}{'variant':<11}{'dist':<7}{'ep':>3}{'seed':>5}  {'img AUROC':<16}{'px AUROC':<16}"
         f"{'AU-PRO':<16}{'FRR@1%':<15}{'caught@1%':<15}{'train s':>8}{'ratio':>7}"
     )
     print(head)
@@ -245,7 +259,8 @@ def print_table(rows: list[dict], machine: str) -> None:
             return f"{_fmt(r.get(k))}/{_fmt(p.get(k))}"
 
         print(
-            f"{r['dataset']:<17}{r['variant']:<8}{r.get('distance', 'cosine'):<7}{r['epochs']:>3}"
+            f"{r['dataset']:<17}{r['variant'] + ('/rd' if r.get('student') == 'reverse' else ''):<11}"
+            f"{r.get('distance', 'cosine'):<7}{r['epochs']:>3}"
             f"{r.get('seed', 0):>5}  "
             f"{pair('image_auroc'):<16}{pair('pixel_auroc'):<16}{pair('au_pro'):<16}{pair('frr_at_1pct'):<15}"
             f"{pair('caught_at_1pct'):<15}{r['train_seconds']:>8.0f}{ratio(r, p):>7}"

@@ -88,7 +88,7 @@ class InferenceGraphFP16(nn.Module):
         m = self.model
         xn = normalize_input(to_float_nchw(image)).to(torch.float16)
         t_feats = m.standardise([t.float() for t in self.teacher16(xn)])
-        s_feats = [s.float() for s in self.student16(xn)[0]]
+        s_feats = [s.float() for s in self.student16(xn, [t.half() for t in t_feats])[0]]
         amap = m.fuse(m.scale_maps(t_feats, s_feats))
         return amap[:, 0], m.image_score(amap)
 

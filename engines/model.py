@@ -45,6 +45,13 @@ class NetConfig:
     # same accuracy over two seeds on both real data sets, but clearly worse on the demo's synthetic
     # parts (README, "The method"), so it is a speed setting, not the default.
     student_expand: int = 6
+    # Student shape: "forward" (the teacher's topology from the image, STPM / EfficientAD) or
+    # "reverse" (reverse distillation, RD4AD: the teacher's tapped features squeezed through a
+    # one-class bottleneck with SSPCAB in it, then a decoder that rebuilds each tap, SimAM on its
+    # outputs). The reverse student never sees the image, only what the bottleneck lets through.
+    student: str = "forward"
+    # width of the reverse student's bottleneck embedding (its decoder halves it per stage)
+    reverse_width: int = 192
     # Per-scale discrepancy: "cosine" (1 - cosine similarity over channels: direction only) or "l2"
     # (mean squared difference over channels of the teacher's features standardised per channel with
     # training-set statistics, as EfficientAD: sees a change of magnitude too).
@@ -70,7 +77,13 @@ class NetConfig:
         if len(self.scale_weights) != len(self.taps):
             msg = f"scale_weights has {len(self.scale_weights)} entries for {len(self.taps)} taps"
             raise ValueError(msg)
-        if self.sspcab and not 0 <= self.sspcab_block() <= self.taps[-1]:
+        if self.student not in ("forward", "reverse"):
+            msg = f"student must be 'forward' or 'reverse', got {self.student!r}"
+            raise ValueError(msg)
+        if self.student == "reverse" and (self.reverse_width < 16 or self.reverse_width % 8):
+            msg = f"reverse_width must be a multiple of 8, at least 16, got {self.reverse_width}"
+            raise ValueError(msg)
+        if self.student == "forward" and self.sspcab and not 0 <= self.sspcab_block() <= self.taps[-1]:
             msg = f"sspcab_after_block must be within 0..{self.taps[-1]}, got {self.sspcab_block()}"
             raise ValueError(msg)
         if not 1 <= self.student_expand <= 6:
@@ -97,6 +110,8 @@ class NetConfig:
         d.setdefault("fuse_stride", 1)  # bundles written before fuse_stride existed fused at full size
         d.setdefault("student_expand", 6)  # ... and before student_expand existed, the student was the teacher's shape
         d.setdefault("distance", "cosine")  # ... and before distance existed, maps were cosine distances
+        d.setdefault("student", "forward")  # ... and before student existed, it was the teacher's topology
+        d.setdefault("reverse_width", 192)
         return cls(**d)
 
 
@@ -116,7 +131,10 @@ class Student(nn.Module):
         self.sspcab_at = cfg.sspcab_block() if cfg.sspcab else None
         self.sspcab = SSPCAB(LITE0_BLOCKS[self.sspcab_at].c_out, cfg.sspcab_k, cfg.sspcab_d) if cfg.sspcab else None
 
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, t_feats: list[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Tapped features and SSPCAB's reconstruction loss from the normalised image (``t_feats`` unused)."""
         h = F.relu6(self.stem_bn(self.stem(x)))
         feats = []
         rec_loss = x.new_zeros(())
@@ -129,6 +147,104 @@ class Student(nn.Module):
             if i in self.taps:
                 feats.append(self.simam(h) if self.simam is not None else h)
         return feats, rec_loss
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
+
+
+class ReverseStudent(nn.Module):
+    """Reverse distillation (Deng & Li, CVPR 2022), sized for the Lite0 taps.
+
+    Encoder side ("one-class bottleneck"): each tapped teacher map is brought to the deepest tap's
+    resolution by stride-2 convolutions, the maps are concatenated, mixed by a 1x1 convolution and
+    squeezed once more by a stride-2 convolution into a low-resolution embedding; SSPCAB sits on
+    that embedding (it must predict each position from its surroundings, which is what lets the
+    bottleneck drop what good parts never show). Decoder side: per tap, deepest first, a 2x
+    bilinear upsampling (as fixed matrix products, like the map's resizes) and two 3x3
+    convolutions, then a 1x1 head to the tap's channels, SimAM on the head's output. The decoder's
+    channel width halves at each stage.
+    """
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        taps = tuple(cfg.taps)
+        chans = tap_channels(taps)
+        strides = tap_strides(taps)
+        deep = strides[-1]
+        if any(deep % s for s in strides) or cfg.image_size % (2 * deep):
+            msg = f"reverse student needs tap strides that divide the deepest one, got {strides}"
+            raise ValueError(msg)
+        w = cfg.reverse_width
+        self.taps = taps
+        self.squeeze = nn.ModuleList()
+        for c, s in zip(chans, strides, strict=True):
+            layers: list[nn.Module] = []
+            c_cur = c
+            while s < deep:
+                layers.append(_conv_bn_relu(c_cur, w // 2, stride=2))
+                c_cur, s = w // 2, s * 2
+            if not layers:
+                layers.append(
+                    nn.Sequential(nn.Conv2d(c, w // 2, 1, bias=False), nn.BatchNorm2d(w // 2), nn.ReLU(inplace=True))
+                )
+            self.squeeze.append(nn.Sequential(*layers))
+        self.mix = nn.Sequential(
+            nn.Conv2d(len(taps) * (w // 2), w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
+        )
+        self.embed = _conv_bn_relu(w, w, stride=2)
+        self.sspcab = SSPCAB(w, cfg.sspcab_k, cfg.sspcab_d) if cfg.sspcab else None
+        self.simam = SimAM(cfg.simam_lambda) if cfg.simam else None
+        # decoder stages from the deepest tap to the finest; stage i upsamples 2x per octave
+        self.stages = nn.ModuleList()
+        self.heads = nn.ModuleList()
+        c_cur, at = w, deep * 2  # the embedding's stride
+        widths = []
+        for c, s in zip(reversed(chans), reversed(strides), strict=True):
+            c_out = max(w // 2 ** (len(widths) + 1), 16)
+            widths.append(c_out)
+            layers = []
+            while at > s:
+                at //= 2
+                layers.append(_Upsample2x(cfg.image_size // at))
+            layers += [_conv_bn_relu(c_cur, c_out), _conv_bn_relu(c_out, c_out)]
+            self.stages.append(nn.Sequential(*layers))
+            self.heads.append(nn.Conv2d(c_out, c, 1))
+            c_cur = c_out
+
+    def forward(
+        self, x: torch.Tensor, t_feats: list[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Rebuilt tap features (finest first, like the teacher's) and SSPCAB's loss from the teacher's taps."""
+        if t_feats is None:
+            msg = "the reverse student rebuilds the teacher's features: pass them"
+            raise ValueError(msg)
+        h = self.mix(torch.cat([sq(t) for sq, t in zip(self.squeeze, t_feats, strict=True)], dim=1))
+        h = self.embed(h)
+        rec_loss = h.new_zeros(())
+        if self.sspcab is not None:
+            out = self.sspcab(h)
+            rec_loss = SSPCAB.reconstruction_loss(out, h)
+            h = out
+        feats = []
+        for stage, head in zip(self.stages, self.heads, strict=True):
+            h = stage(h)
+            f = head(h)
+            feats.append(self.simam(f) if self.simam is not None else f)
+        return feats[::-1], rec_loss
+
+
+class _Upsample2x(nn.Module):
+    """2x bilinear upsampling to ``n_out`` as two products with fixed matrices (TensorRT-friendly)."""
+
+    def __init__(self, n_out: int):
+        super().__init__()
+        self.register_buffer("m", bilinear_matrix(n_out, n_out // 2), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return resize_bilinear(x, self.m, self.m)
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -198,7 +314,7 @@ class KDModel(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.teacher = teacher
-        self.student = Student(cfg)
+        self.student = ReverseStudent(cfg) if cfg.student == "reverse" else Student(cfg)
         self.sspcab_lambda = sspcab_lambda
         self.hard_quantile = hard_quantile
         n = len(cfg.taps)
@@ -242,7 +358,7 @@ class KDModel(nn.Module):
         xn = normalize_input(x)
         with torch.no_grad():
             t_feats = self.teacher_features(xn)
-        s_feats, rec = self.student(xn)
+        s_feats, rec = self.student(xn, t_feats)
         return t_feats, s_feats, rec
 
     def teacher_features(self, xn: torch.Tensor) -> list[torch.Tensor]:
@@ -301,12 +417,25 @@ class KDModel(nn.Module):
                 loss = loss + hard_mean(d * d, self.hard_quantile)
         return loss
 
+    def training_losses(self, x: torch.Tensor | None, t_feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The training losses from the (standardised) teacher features, e.g. cached ones. ``x`` (float
+        RGB 0..255) is what the forward student reads; the reverse student reads only ``t_feats``."""
+        xn = normalize_input(x) if x is not None else None
+        if xn is None and self.cfg.student != "reverse":
+            msg = "the forward student needs the images"
+            raise ValueError(msg)
+        s_feats, rec = self.student(xn, t_feats)
+        kd = self.kd_loss(t_feats, s_feats)
+        total = kd + self.sspcab_lambda * rec
+        return {"loss": total, "kd_loss": kd.detach(), "sspcab_loss": rec.detach()}
+
     def forward(self, x: torch.Tensor):
-        t_feats, s_feats, rec = self.features(x)
         if self.training:
-            kd = self.kd_loss(t_feats, s_feats)
-            total = kd + self.sspcab_lambda * rec
-            return {"loss": total, "kd_loss": kd.detach(), "sspcab_loss": rec.detach()}
+            xn = normalize_input(x)
+            with torch.no_grad():
+                t_feats = self.teacher_features(xn)
+            return self.training_losses(x, t_feats)
+        t_feats, s_feats, _ = self.features(x)
         amap = self.fuse(self.scale_maps(t_feats, s_feats))
         return amap[:, 0], self.image_score(amap)
 

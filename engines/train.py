@@ -53,6 +53,12 @@ class TrainConfig(BaseModel):
         description="train on random square crops of this size (multiple of 16) of the resized images: "
         "both networks are fully convolutional, so crops give more steps per CPU second (None: whole image)",
     )
+    teacher_cache_gb: float = Field(
+        4.0,
+        ge=0,
+        description="compute the frozen teacher's features of the training images (and their flips) once when "
+        "they fit in this many GB, instead of every epoch (0: never; crops are never cached)",
+    )
     simam: bool = Field(True, description="SimAM attention on the student's tapped stages")
     sspcab: bool = Field(True, description="SSPCAB block in the student's deepest stage")
     sspcab_lambda: float = Field(0.1, ge=0, description="weight of SSPCAB's reconstruction loss")
@@ -65,6 +71,12 @@ class TrainConfig(BaseModel):
         description="expansion ratio of the student's MBConv blocks (6: the teacher's shape; 3: the speed setting, "
         "-24 % CPU latency, see the README)",
     )
+    student: Literal["forward", "reverse"] = Field(
+        "forward",
+        description="student shape: forward (the teacher's topology, from the image) or reverse (reverse "
+        "distillation: a decoder that rebuilds the teacher's taps from a one-class bottleneck of them)",
+    )
+    reverse_width: int = Field(192, ge=16, description="the reverse student's bottleneck width (multiple of 8)")
     distance: Literal["cosine", "l2"] = Field(
         "l2",
         description="per-scale discrepancy: cosine (direction of the feature vector) or l2 (squared difference of "
@@ -98,6 +110,8 @@ class TrainConfig(BaseModel):
             sspcab=self.sspcab,
             sspcab_after_block=self.sspcab_after_block,
             student_expand=self.student_expand,
+            student=self.student,
+            reverse_width=self.reverse_width,
             distance=self.distance,
             blur_sigma=self.blur_sigma,
             fuse_stride=self.fuse_stride,
@@ -318,14 +332,63 @@ def _random_crops(batch: np.ndarray, size: int, rng: np.random.Generator) -> np.
     return np.stack([batch[i, y : y + size, x : x + size] for i, (y, x) in enumerate(zip(ys, xs, strict=True))])
 
 
-def _augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    out = batch.copy()
-    for i in range(len(out)):
-        if rng.random() < 0.5:
-            out[i] = out[i, :, ::-1]
-        if rng.random() < 0.5:
-            out[i] = out[i, ::-1, :]
-    return out
+def _flip_codes(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Per image: bit 0 = flip left-right, bit 1 = flip up-down (each with probability 1/2)."""
+    codes = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        codes[i] = int(rng.random() < 0.5) | (int(rng.random() < 0.5) << 1)
+    return codes
+
+
+def _flip(img: np.ndarray, code: int) -> np.ndarray:
+    if code & 1:
+        img = img[:, ::-1]
+    if code & 2:
+        img = img[::-1, :]
+    return img
+
+
+def _augment(batch: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    return np.stack([_flip(img, int(c)) for img, c in zip(batch, codes, strict=True)])
+
+
+class TeacherCache:
+    """The frozen teacher's (standardised) features of every training image, computed once.
+
+    The teacher never changes during training, so each epoch would otherwise recompute the same
+    features: for the reverse student that is about half of a training step. With flips, the four
+    flipped versions of each image are computed once (the teacher is not flip-equivariant, so a
+    flipped feature map would not be the flipped image's features). Kept on the training device.
+    """
+
+    def __init__(self, model: KDModel, images: np.ndarray, n_codes: int, device: torch.device, batch_size: int = 16):
+        from engines.teacher import normalize_input
+
+        self.codes: list[list[torch.Tensor]] = []
+        with torch.no_grad():
+            for code in range(n_codes):
+                parts: list[list[torch.Tensor]] = []
+                for i in range(0, len(images), batch_size):
+                    batch = np.stack([_flip(img, code) for img in images[i : i + batch_size]])
+                    parts.append(model.teacher_features(normalize_input(to_tensor(batch, device))))
+                self.codes.append([torch.cat(f) for f in zip(*parts, strict=True)])
+
+    @staticmethod
+    def nbytes(model: KDModel, n_images: int, n_codes: int) -> int:
+        from engines.teacher import tap_channels, tap_strides
+
+        size = model.cfg.image_size
+        per_image = sum(
+            c * (size // s) ** 2 for c, s in zip(tap_channels(model.cfg.taps), tap_strides(model.cfg.taps), strict=True)
+        )
+        return 4 * per_image * n_images * n_codes
+
+    def take(self, idx: np.ndarray, codes: np.ndarray) -> list[torch.Tensor]:
+        """Features of images ``idx`` flipped by ``codes``: one tensor per tap."""
+        out = []
+        for tap in range(len(self.codes[0])):
+            out.append(torch.stack([self.codes[int(c)][tap][int(i)] for i, c in zip(idx, codes, strict=True)]))
+        return out
 
 
 class _Progress:
@@ -390,6 +453,12 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
     teacher, teacher_sha = build_teacher(weights_path, net_cfg.taps)
     model = KDModel(teacher, net_cfg, sspcab_lambda=cfg.sspcab_lambda, hard_quantile=cfg.hard_quantile).to(device)
     feature_stats = compute_feature_stats(model, train_imgs) if net_cfg.distance == "l2" else {}
+    n_codes = 4 if cfg.augment == "flip" else 1
+    cache = None
+    if cfg.crop_size is None and TeacherCache.nbytes(model, len(train_imgs), n_codes) <= cfg.teacher_cache_gb * 1e9:
+        t_cache = time.perf_counter()
+        cache = TeacherCache(model, train_imgs, n_codes, device)
+        log.info("teacher features cached in %.0f s", time.perf_counter() - t_cache)
     params = [p for p in model.student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_imgs) / cfg.batch_size))
@@ -413,9 +482,13 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
                 batch = train_imgs[idx]
                 if cfg.crop_size:
                     batch = _random_crops(batch, cfg.crop_size, rng)
-                if cfg.augment == "flip":
-                    batch = _augment(batch, rng)
-                out_d = model(to_tensor(batch, device))
+                codes = _flip_codes(len(idx), rng) if cfg.augment == "flip" else np.zeros(len(idx), np.int64)
+                if cache is not None:
+                    # the reverse student never sees the image: only its cached teacher features
+                    images = None if net_cfg.student == "reverse" else to_tensor(_augment(batch, codes), device)
+                    out_d = model.training_losses(images, cache.take(idx, codes))
+                else:
+                    out_d = model(to_tensor(_augment(batch, codes), device))
                 opt.zero_grad(set_to_none=True)
                 out_d["loss"].backward()
                 opt.step()
