@@ -83,6 +83,13 @@ class NetConfig:
         if self.student == "reverse" and (self.reverse_width < 16 or self.reverse_width % 8):
             msg = f"reverse_width must be a multiple of 8, at least 16, got {self.reverse_width}"
             raise ValueError(msg)
+        strides = tap_strides(self.taps)
+        if self.student == "reverse" and (any(strides[-1] % s for s in strides) or self.image_size % (2 * strides[-1])):
+            msg = (
+                f"the reverse student needs tap strides that divide the deepest one ({strides}) and an image_size "
+                f"that is a multiple of twice it, got {self.image_size}"
+            )
+            raise ValueError(msg)
         if self.student == "forward" and self.sspcab and not 0 <= self.sspcab_block() <= self.taps[-1]:
             msg = f"sspcab_after_block must be within 0..{self.taps[-1]}, got {self.sspcab_block()}"
             raise ValueError(msg)
@@ -149,9 +156,11 @@ class Student(nn.Module):
         return feats, rec_loss
 
 
-def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1, k: int = 3) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+        nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -174,11 +183,7 @@ class ReverseStudent(nn.Module):
         chans = tap_channels(taps)
         strides = tap_strides(taps)
         deep = strides[-1]
-        if any(deep % s for s in strides) or cfg.image_size % (2 * deep):
-            msg = f"reverse student needs tap strides that divide the deepest one, got {strides}"
-            raise ValueError(msg)
         w = cfg.reverse_width
-        self.taps = taps
         self.squeeze = nn.ModuleList()
         for c, s in zip(chans, strides, strict=True):
             layers: list[nn.Module] = []
@@ -187,13 +192,9 @@ class ReverseStudent(nn.Module):
                 layers.append(_conv_bn_relu(c_cur, w // 2, stride=2))
                 c_cur, s = w // 2, s * 2
             if not layers:
-                layers.append(
-                    nn.Sequential(nn.Conv2d(c, w // 2, 1, bias=False), nn.BatchNorm2d(w // 2), nn.ReLU(inplace=True))
-                )
+                layers.append(_conv_bn_relu(c, w // 2, k=1))
             self.squeeze.append(nn.Sequential(*layers))
-        self.mix = nn.Sequential(
-            nn.Conv2d(len(taps) * (w // 2), w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
-        )
+        self.mix = _conv_bn_relu(len(taps) * (w // 2), w, k=1)
         self.embed = _conv_bn_relu(w, w, stride=2)
         self.sspcab = SSPCAB(w, cfg.sspcab_k, cfg.sspcab_d) if cfg.sspcab else None
         self.simam = SimAM(cfg.simam_lambda) if cfg.simam else None
@@ -201,10 +202,8 @@ class ReverseStudent(nn.Module):
         self.stages = nn.ModuleList()
         self.heads = nn.ModuleList()
         c_cur, at = w, deep * 2  # the embedding's stride
-        widths = []
-        for c, s in zip(reversed(chans), reversed(strides), strict=True):
-            c_out = max(w // 2 ** (len(widths) + 1), 16)
-            widths.append(c_out)
+        for stage, (c, s) in enumerate(zip(reversed(chans), reversed(strides), strict=True)):
+            c_out = max(w // 2 ** (stage + 1), 16)
             layers = []
             while at > s:
                 at //= 2
@@ -356,13 +355,13 @@ class KDModel(nn.Module):
 
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         xn = normalize_input(x)
-        with torch.no_grad():
-            t_feats = self.teacher_features(xn)
+        t_feats = self.teacher_features(xn)
         s_feats, rec = self.student(xn, t_feats)
         return t_feats, s_feats, rec
 
+    @torch.no_grad()
     def teacher_features(self, xn: torch.Tensor) -> list[torch.Tensor]:
-        """The teacher's tapped features, standardised per channel when the distance is "l2"."""
+        """The frozen teacher's tapped features, standardised per channel when the distance is "l2"."""
         return self.standardise(self.teacher(xn))
 
     def standardise(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -417,10 +416,9 @@ class KDModel(nn.Module):
                 loss = loss + hard_mean(d * d, self.hard_quantile)
         return loss
 
-    def training_losses(self, x: torch.Tensor | None, t_feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The training losses from the (standardised) teacher features, e.g. cached ones. ``x`` (float
-        RGB 0..255) is what the forward student reads; the reverse student reads only ``t_feats``."""
-        xn = normalize_input(x) if x is not None else None
+    def training_losses(self, xn: torch.Tensor | None, t_feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The training losses from the (standardised) teacher features, e.g. cached ones. ``xn`` (the
+        normalised image) is what the forward student reads; the reverse student reads only ``t_feats``."""
         if xn is None and self.cfg.student != "reverse":
             msg = "the forward student needs the images"
             raise ValueError(msg)
@@ -432,9 +430,7 @@ class KDModel(nn.Module):
     def forward(self, x: torch.Tensor):
         if self.training:
             xn = normalize_input(x)
-            with torch.no_grad():
-                t_feats = self.teacher_features(xn)
-            return self.training_losses(x, t_feats)
+            return self.training_losses(xn, self.teacher_features(xn))
         t_feats, s_feats, _ = self.features(x)
         amap = self.fuse(self.scale_maps(t_feats, s_feats))
         return amap[:, 0], self.image_score(amap)

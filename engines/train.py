@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from engines import bundle as bundle_mod
 from engines.data import DatasetError, good_training_images, load_images, split_holdout
 from engines.model import KDModel, NetConfig
-from engines.teacher import DEFAULT_TAPS, INPUT_MEAN, INPUT_STD, build_teacher, default_weights_path
+from engines.teacher import DEFAULT_TAPS, INPUT_MEAN, INPUT_STD, build_teacher, default_weights_path, normalize_input
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,6 @@ def predict(model: KDModel, images: np.ndarray, batch_size: int = 16) -> tuple[n
 @torch.no_grad()
 def compute_feature_stats(model: KDModel, images: np.ndarray, batch_size: int = 16) -> dict[str, Any]:
     """Per-channel mean / std of the raw teacher features on the training images; sets them on the model."""
-    from engines.teacher import normalize_input
-
     device = next(model.student.parameters()).device
     s1: list[torch.Tensor] = []
     s2: list[torch.Tensor] = []
@@ -362,33 +360,32 @@ class TeacherCache:
     """
 
     def __init__(self, model: KDModel, images: np.ndarray, n_codes: int, device: torch.device, batch_size: int = 16):
-        from engines.teacher import normalize_input
-
-        self.codes: list[list[torch.Tensor]] = []
-        with torch.no_grad():
-            for code in range(n_codes):
-                parts: list[list[torch.Tensor]] = []
-                for i in range(0, len(images), batch_size):
-                    batch = np.stack([_flip(img, code) for img in images[i : i + batch_size]])
-                    parts.append(model.teacher_features(normalize_input(to_tensor(batch, device))))
-                self.codes.append([torch.cat(f) for f in zip(*parts, strict=True)])
+        # one (flip code, image, C, h, w) tensor per tap, filled in place (no second copy at the end)
+        self.taps = [torch.empty((n_codes, len(images), *shape), device=device) for shape in self.shapes(model)]
+        for code in range(n_codes):
+            for i in range(0, len(images), batch_size):
+                batch = np.stack([_flip(img, code) for img in images[i : i + batch_size]])
+                for store, f in zip(
+                    self.taps, model.teacher_features(normalize_input(to_tensor(batch, device))), strict=True
+                ):
+                    store[code, i : i + len(batch)] = f
 
     @staticmethod
-    def nbytes(model: KDModel, n_images: int, n_codes: int) -> int:
+    def shapes(model: KDModel) -> list[tuple[int, int, int]]:
         from engines.teacher import tap_channels, tap_strides
 
         size = model.cfg.image_size
-        per_image = sum(
-            c * (size // s) ** 2 for c, s in zip(tap_channels(model.cfg.taps), tap_strides(model.cfg.taps), strict=True)
-        )
-        return 4 * per_image * n_images * n_codes
+        taps = model.cfg.taps
+        return [(c, size // s, size // s) for c, s in zip(tap_channels(taps), tap_strides(taps), strict=True)]
+
+    @staticmethod
+    def nbytes(model: KDModel, n_images: int, n_codes: int) -> int:
+        return 4 * n_images * n_codes * sum(c * h * w for c, h, w in TeacherCache.shapes(model))
 
     def take(self, idx: np.ndarray, codes: np.ndarray) -> list[torch.Tensor]:
         """Features of images ``idx`` flipped by ``codes``: one tensor per tap."""
-        out = []
-        for tap in range(len(self.codes[0])):
-            out.append(torch.stack([self.codes[int(c)][tap][int(i)] for i, c in zip(idx, codes, strict=True)]))
-        return out
+        i, c = torch.as_tensor(idx, dtype=torch.long), torch.as_tensor(codes, dtype=torch.long)
+        return [store[c, i] for store in self.taps]
 
 
 class _Progress:
@@ -485,8 +482,12 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
                 codes = _flip_codes(len(idx), rng) if cfg.augment == "flip" else np.zeros(len(idx), np.int64)
                 if cache is not None:
                     # the reverse student never sees the image: only its cached teacher features
-                    images = None if net_cfg.student == "reverse" else to_tensor(_augment(batch, codes), device)
-                    out_d = model.training_losses(images, cache.take(idx, codes))
+                    xn = (
+                        None
+                        if net_cfg.student == "reverse"
+                        else normalize_input(to_tensor(_augment(batch, codes), device))
+                    )
+                    out_d = model.training_losses(xn, cache.take(idx, codes))
                 else:
                     out_d = model(to_tensor(_augment(batch, codes), device))
                 opt.zero_grad(set_to_none=True)

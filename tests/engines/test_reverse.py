@@ -61,6 +61,8 @@ def test_bad_reverse_settings_are_refused():
         NetConfig(student="sideways").validate()
     with pytest.raises(ValueError, match="reverse_width"):
         NetConfig(student="reverse", reverse_width=20).validate()
+    with pytest.raises(ValueError, match="multiple of twice"):
+        NetConfig(student="reverse", image_size=80).validate()  # stride 16 deepest: needs a multiple of 32
     d = NetConfig().to_json()
     del d["student"], d["reverse_width"]  # a model.json from before the setting
     assert NetConfig.from_json(d).student == "forward"
