@@ -26,12 +26,16 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from _machine import machine_name  # noqa: E402
+
+if TYPE_CHECKING:
+    from engines.train import TrainConfig
 
 VARIANTS = {
     "plain": {"simam": False, "sspcab": False},
@@ -79,6 +83,16 @@ def _key(row: dict) -> tuple:
     """Rows replace each other only when they measured the same setting."""
     net = tuple(json.dumps(row.get(k, OLD_DEFAULTS.get(k))) for k in NET_KEYS)
     return (row["dataset"], row["variant"], row.get("seed", 0), *net)
+
+
+def is_default(row: dict, shipped: TrainConfig) -> bool:
+    """Whether a row measured the network `lineinspect train` ships now (all its settings, the
+    full variant, the shipped input size); rows of earlier defaults lose the mark when it changes."""
+    return (
+        row["variant"] == "full"
+        and row.get("image_size", 256) == shipped.image_size
+        and all(json.dumps(row.get(k, OLD_DEFAULTS.get(k))) == json.dumps(getattr(shipped, k)) for k in NET_KEYS)
+    )
 
 
 def _r(v: float | None) -> float | None:
@@ -176,10 +190,6 @@ def main() -> int:
             print(format_plant(res["plant"]), flush=True)
             if peer is None and not args.no_peer:
                 peer = _run_peer(data, args, train_paths, held_out)
-            is_default = variant == "full" and all(
-                getattr(cfg, k) == getattr(shipped, k)
-                for k in ("taps", "student", "student_expand", "distance", "hard_quantile", "position_spread_images")
-            )
             row = {
                 "dataset": ds,
                 "variant": variant,
@@ -197,7 +207,7 @@ def main() -> int:
                 "seed": cfg.seed,
                 "image_size": args.image_size,
                 "train_seconds": round(train_s, 1),
-                "default": is_default,
+                "default": False,  # set for every row below, against what lineinspect train ships now
                 "peer": peer,
                 "notes": res["notes"],
                 "machine": machine,
@@ -205,6 +215,8 @@ def main() -> int:
             }
             rows = [r for r in rows if _key(r) != _key(row)]
             rows.append(row)
+            for r in rows:
+                r["default"] = is_default(r, shipped)
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(rows, indent=2) + "\n")
             print_table([row], machine)

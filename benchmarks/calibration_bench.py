@@ -5,7 +5,8 @@
 The good parts used are the training set's held-out validation split (the same seeded split
 `lineinspect train` made, never trained on). The test split then gives the observed
 false-reject rate on test/good and the miss rate per defect type. Writes
-benchmarks/results/calibration.json.
+benchmarks/results/calibration.json: one row per data set (a new run of a set replaces its row),
+with the bundle's network and "default": true when it is the one `lineinspect train` ships.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> int:
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--results", type=Path, default=HERE / "results" / "calibration.json")
     args = ap.parse_args()
+
+    from latency import is_default, model_label
 
     from calibration.stats import image_threshold
     from engines.bundle import read_meta
@@ -73,6 +76,8 @@ def main() -> int:
         "miss_rate": miss,
         "miss_rate_all": round(miss_all, 4),
         "machine": machine_name(),
+        "model": model_label(args.bundle),
+        "default": is_default(args.bundle, size),
     }
     print(f"machine: {row['machine']}")
     print(f"{data.name}: {len(good_scores)} held-out good parts -> threshold {thr.threshold:.4f} ({thr.method})")
@@ -86,8 +91,12 @@ def main() -> int:
     )
     for note in thr.notes:
         print(f"  note: {note}")
+    rows = []
+    if args.results.is_file():
+        old = json.loads(args.results.read_text())
+        rows = [r for r in (old if isinstance(old, list) else [old]) if r["dataset"] != row["dataset"]]
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(row, indent=2) + "\n")
+    args.results.write_text(json.dumps([*rows, row], indent=2) + "\n")
     return 0
 
 

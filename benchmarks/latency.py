@@ -12,8 +12,8 @@ separate process that loads the bundle and runs the ONNX Runtime backend (torch 
 Writes benchmarks/results/latency.json (rows: backend, device, batch, median_ms, p99_ms,
 images_per_s, peak_rss_mb, machine, model, default). Without --bundle, two 1-epoch models are trained
 on synthetic parts and exported (latency does not depend on the weights): the network `lineinspect
-train` ships now ("default": true) and the previous default (cosine maps, no hard-feature mining),
-timed side by side.
+train` ships now ("default": true) and the previous default (the forward student), timed side by
+side.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ print(int(hwm.split()[1]) / 1024.0)
 """
 
 
-# the network that was the default before the standardised-L2 distance (stop 11)
-PREVIOUS_DEFAULT = {"distance": "cosine", "hard_quantile": None}
+# the network that was the default before the reverse student (stop 15): the forward student,
+# otherwise the same settings (standardised L2, hard mining, per-position spread)
+PREVIOUS_DEFAULT = {"student": "forward"}
 
 
 def ensure_bundle(path: Path | None, size: int, overrides: dict | None = None, name: str = "default") -> Path:
@@ -146,7 +147,9 @@ def run_isolated(args, bundles: list[Path], backends: list[str]) -> list[dict]:
 def model_label(bundle: Path) -> str:
     net = json.loads((bundle / "model.json").read_text())["net"]
     taps = ",".join(str(t) for t in net["taps"])
-    return f"{bundle.name} (taps {taps}, student x{net.get('student_expand', 6)}, {net.get('distance', 'cosine')})"
+    student = net.get("student", "forward")
+    shape = "reverse" if student == "reverse" else f"forward x{net.get('student_expand', 6)}"
+    return f"{bundle.name} (taps {taps}, {shape} student, {net.get('distance', 'cosine')})"
 
 
 def is_default(bundle: Path, size: int) -> bool:

@@ -72,7 +72,7 @@ class TrainConfig(BaseModel):
         "-24 % CPU latency, see the README)",
     )
     student: Literal["forward", "reverse"] = Field(
-        "forward",
+        "reverse",
         description="student shape: forward (the teacher's topology, from the image) or reverse (reverse "
         "distillation: a decoder that rebuilds the teacher's taps from a one-class bottleneck of them)",
     )

@@ -98,3 +98,33 @@ def test_patchcore_peer_by_hand():
     maps, scores = pc.predict(np.concatenate([good[:4], bad]))
     assert maps.shape == (8, 64, 64)
     assert scores[4:].min() > scores[:4].max()
+
+
+def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
+    """accuracy.py re-marks every row of its results file against TrainConfig(): the rows of a
+    previous default lose the mark, older rows without a setting read it as its old default."""
+    import accuracy
+
+    from engines.train import TrainConfig
+
+    shipped = TrainConfig()
+    row = {
+        "dataset": "magnetic_tile",
+        "variant": "full",
+        "image_size": 256,
+        "taps": list(shipped.taps),
+        "student": shipped.student,
+        "student_expand": shipped.student_expand,
+        "distance": shipped.distance,
+        "hard_quantile": shipped.hard_quantile,
+        "epochs": shipped.epochs,
+        "crop_size": shipped.crop_size,
+        "lr": shipped.lr,
+        "position_spread_images": shipped.position_spread_images,
+    }
+    assert accuracy.is_default(row, shipped)
+    for key, other in [("variant", "plain"), ("epochs", 6), ("student", "forward"), ("hard_quantile", None)]:
+        assert not accuracy.is_default({**row, key: other}, shipped), key
+    old = {k: v for k, v in row.items() if k != "student"}  # a row from before the setting: forward
+    assert not accuracy.is_default(old, shipped)
+    assert accuracy.is_default(old, TrainConfig(student="forward"))

@@ -43,7 +43,14 @@ def test_export_writes_one_verified_file_and_records_its_sha(exported_bundle: Pa
     assert tensorrt_problems(model) == []
     first = next(n for n in model.graph.node if "image" in n.input)
     assert first.op_type == "Cast"
-    assert "Concat" not in ops, "SSPCAB's fused kernel is stored, not concatenated at run time"
+    # SSPCAB's fused kernel is stored, not concatenated at run time: the one Concat is the reverse
+    # student's merge of the three tapped maps, and it joins activations only
+    constants = {i.name for i in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
+    }
+    concats = [n for n in model.graph.node if n.op_type == "Concat"]
+    assert len(concats) == (1 if meta["net"]["student"] == "reverse" else 0)
+    assert not any(i in constants for n in concats for i in n.input)
 
 
 def test_failed_parity_check_leaves_no_model(tmp_path: Path, trained_bundle: Path, monkeypatch):

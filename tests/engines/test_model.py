@@ -32,7 +32,7 @@ def test_student_expand_narrows_only_the_student():
     from engines.teacher import EfficientNetLite0, Teacher
 
     teacher = Teacher(EfficientNetLite0(num_blocks=11, with_head=False)).eval()
-    narrow = KDModel(teacher, NetConfig(image_size=64, student_expand=4)).eval()
+    narrow = KDModel(teacher, NetConfig(image_size=64, student_expand=4, student="forward")).eval()
     assert narrow.student.blocks[0]._depthwise_conv.out_channels == 32  # block 0 has no expansion
     assert narrow.student.blocks[1]._expand_conv.out_channels == 16 * 4
     assert narrow.student.blocks[10]._expand_conv.out_channels == 112 * 4
@@ -42,7 +42,7 @@ def test_student_expand_narrows_only_the_student():
     assert [f.shape for f in s_feats] == [f.shape for f in t_feats]
     amap, score = narrow(x)
     assert amap.shape == (2, 64, 64) and score.shape == (2,)
-    full = KDModel(teacher, NetConfig(image_size=64, student_expand=6)).eval()
+    full = KDModel(teacher, NetConfig(image_size=64, student_expand=6, student="forward")).eval()
     n_narrow = sum(p.numel() for p in narrow.student.parameters())
     n_full = sum(p.numel() for p in full.student.parameters())
     assert n_narrow < 0.75 * n_full

@@ -118,7 +118,9 @@ def test_train_config_rejects_unknown_keys_and_bad_values(tmp_path: Path):
 def test_bundles_from_before_student_expand_still_load(tmp_path: Path, synthetic_root: Path):
     """A model.json without ``student_expand`` was written when the student had the teacher's
     shape: it must rebuild that shape (a narrower default would not load its student.pt)."""
-    cfg = TrainConfig(image_size=64, epochs=1, max_train_images=4, num_threads=1, device="cpu", student_expand=6)
+    cfg = TrainConfig(
+        image_size=64, epochs=1, max_train_images=4, num_threads=1, device="cpu", student="forward", student_expand=6
+    )
     train(synthetic_root, tmp_path / "old", cfg, quiet=True)
     meta_path = tmp_path / "old" / "model.json"
     meta = json.loads(meta_path.read_text())
@@ -134,6 +136,7 @@ def test_bundles_from_before_student_expand_still_load(tmp_path: Path, synthetic
 def test_the_default_network_standardises_the_teacher_and_mines_hard_features(trained_bundle: Path):
     meta = bundle_mod.read_meta(trained_bundle)
     assert meta["net"]["distance"] == "l2" and meta["training"]["config"]["hard_quantile"] == 0.999
+    assert meta["net"]["student"] == "reverse" and TrainConfig().student == "reverse"
     stats = meta["map_stats"]
     assert [len(m) for m in stats["feature_mean"]] == [24, 40, 112]
     assert all(s > 0 for tap in stats["feature_std"] for s in tap)
