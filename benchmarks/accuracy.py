@@ -3,7 +3,7 @@
     python benchmarks/accuracy.py [--epochs 6] [--datasets magnetic_tile ball_screw_drive]
                                   [--variants full plain simam sspcab] [--device cpu]
                                   [--taps 2 4 10] [--student-expand 6] [--distance l2]
-                                  [--hard-quantile 0.999] [--seed 0] [--no-peer]
+                                  [--hard-quantile 0.999] [--seed 0] [--no-peer] [--fuse] [--reuse]
 
 For each data set, in one run: each variant of our network is trained on the good training images
 (minus the held-out validation split that ``lineinspect train`` makes) and the PatchCore peer
@@ -16,6 +16,13 @@ Writes benchmarks/results/accuracy.json: one row per (dataset, network setting, 
 peer's numbers from the same run under "peer", "default": true on rows of the network that
 ``lineinspect train`` ships. A row replaces an older one only for the same dataset and setting.
 Data sets without masks for some defects are scored too; the pixel metrics say what they cover.
+
+``--fuse`` (an experiment, the issue's "memory-bank term fused into the map" lead; not a product
+path): rows also get "fused", the same metrics for our map and the peer's map each standardised
+with the mean / std of its map pixels on the held-out good images and averaged (image score: the
+fused map's maximum), scored on the same test images from the same run. ``--reuse`` skips training where the work folder
+already holds a completed bundle of exactly these settings (its row keeps that bundle's recorded
+training time), e.g. to fit the peer again with another ``--peer-coreset``.
 """
 
 from __future__ import annotations
@@ -141,6 +148,12 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
     ap.add_argument("--peer-coreset", type=float, default=0.01, help="PatchCore coreset ratio")
+    ap.add_argument("--fuse", action="store_true", help="also score our map fused with the peer's (an experiment)")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse a bundle this script trained before with exactly these settings (train s: its recorded time)",
+    )
     ap.add_argument("--work", type=Path, default=HERE.parent / "runs" / "accuracy")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "accuracy.json")
     args = ap.parse_args()
@@ -154,7 +167,7 @@ def main() -> int:
     shipped = TrainConfig()
     for ds in args.datasets:
         data = args.data_root / ds
-        peer = None
+        peer, peer_model = None, None
         for variant in args.variants:
             extra = {"taps": args.taps} if args.taps else {}
             for name in OPTIONS:
@@ -170,9 +183,11 @@ def main() -> int:
             rev = "-rd" if cfg.student == "reverse" else ""
             tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}-s{cfg.seed}"
             bundle = args.work / tag
-            t0 = time.perf_counter()
-            train(data, bundle, cfg, quiet=True)
-            train_s = time.perf_counter() - t0
+            train_s = _reused_seconds(bundle, cfg) if args.reuse else None
+            if train_s is None:
+                t0 = time.perf_counter()
+                train(data, bundle, cfg, quiet=True)
+                train_s = time.perf_counter() - t0
             model = load_bundle_model(bundle, device=args.device)
             res = evaluate(
                 data,
@@ -189,7 +204,10 @@ def main() -> int:
                 print(f"note: {note}")
             print(format_plant(res["plant"]), flush=True)
             if peer is None and not args.no_peer:
-                peer = _run_peer(data, args, train_paths, held_out)
+                peer, peer_model = _run_peer(data, args, train_paths, held_out)
+            fused = None
+            if args.fuse and peer_model is not None:
+                fused = _run_fused(data, args, lambda x, m=model: predict(m, x), peer_model, held_out)
             row = {
                 "dataset": ds,
                 "variant": variant,
@@ -209,6 +227,7 @@ def main() -> int:
                 "train_seconds": round(train_s, 1),
                 "default": False,  # set for every row below, against what lineinspect train ships now
                 "peer": peer,
+                **({"fused": fused} if fused else {}),
                 "notes": res["notes"],
                 "machine": machine,
                 "per_defect": res["rows"][:-1],
@@ -224,8 +243,65 @@ def main() -> int:
     return 0
 
 
-def _run_peer(data: Path, args, train_paths: list[Path], held_out: list[Path]) -> dict:
-    """PatchCore fitted on exactly the images our network trained on, scored like ours."""
+def _reused_seconds(bundle: Path, cfg: TrainConfig) -> float | None:
+    """The recorded training time of ``bundle`` if it was trained to completion with ``cfg``, else None."""
+    try:
+        training = json.loads((bundle / "model.json").read_text())["training"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if training.get("config") != cfg.model_dump(mode="json") or training.get("interrupted"):
+        return None
+    print(f"reusing {bundle} (trained in {training['seconds']:.0f} s)")
+    return float(training["seconds"])
+
+
+class Memo:
+    """A score function that remembers its answers per batch of images (the peer's test maps are
+    computed once and reused by the fused score)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.cache: dict[bytes, tuple] = {}
+
+    def __call__(self, images):
+        import hashlib
+
+        key = hashlib.sha1(images.tobytes()).digest() + repr(images.shape).encode()
+        if key not in self.cache:
+            self.cache[key] = self.fn(images)
+        return self.cache[key]
+
+
+def fuse_maps(maps: list, stats: list[tuple[float, float]]):
+    """The maps each standardised with its (mean, std) and averaged; image score = the maximum."""
+    fused = sum((m - mu) / max(sd, 1e-12) for m, (mu, sd) in zip(maps, stats, strict=True)) / len(maps)
+    return fused, fused.reshape(len(fused), -1).max(1)
+
+
+def _run_fused(data: Path, args, ours, peer_fn, held_out: list[Path]) -> dict:
+    """Our map and the peer's fused, standardised on the held-out good images (an experiment)."""
+    from engines.data import load_images
+    from engines.evaluate import evaluate, format_plant, format_table
+
+    good = load_images(held_out, args.image_size)
+    stats = []
+    for fn in (ours, peer_fn):
+        m = fn(good)[0]
+        stats.append((float(m.mean()), float(m.std())))
+
+    def fused(x):
+        return fuse_maps([ours(x)[0], peer_fn(x)[0]], stats)
+
+    res = evaluate(data, args.image_size, fused, calibration_images=held_out, alpha=args.alpha)
+    print(f"\n== {data.name} / ours + PatchCore peer, fused")
+    print(format_table(res["rows"]))
+    print(format_plant(res["plant"]), flush=True)
+    return {"method": "ours + peer maps, each standardised on the held-out good images, averaged", **_summary(res)}
+
+
+def _run_peer(data: Path, args, train_paths: list[Path], held_out: list[Path]) -> tuple[dict, Memo]:
+    """PatchCore fitted on exactly the images our network trained on, scored like ours; also its
+    (remembering) score function."""
     from patchcore import PatchCore, PatchCoreConfig
 
     from engines.data import load_images
@@ -235,7 +311,8 @@ def _run_peer(data: Path, args, train_paths: list[Path], held_out: list[Path]) -
     pc = PatchCore(PatchCoreConfig(image_size=args.image_size, coreset_ratio=args.peer_coreset), seed=args.seed)
     pc.fit(load_images(train_paths, args.image_size))
     fit_s = time.perf_counter() - t0
-    res = evaluate(data, args.image_size, pc.predict, calibration_images=held_out, alpha=args.alpha)
+    score = Memo(pc.predict)
+    res = evaluate(data, args.image_size, score, calibration_images=held_out, alpha=args.alpha)
     print(
         f"\n== {data.name} / PatchCore peer (coreset {args.peer_coreset:.1%} of {pc.n_patches} patches, "
         f"fit {fit_s:.0f} s)"
@@ -246,7 +323,7 @@ def _run_peer(data: Path, args, train_paths: list[Path], held_out: list[Path]) -
         "method": f"patchcore (teacher taps {','.join(map(str, pc.cfg.taps))}, coreset {args.peer_coreset:g})",
         **_summary(res),
         "fit_seconds": round(fit_s, 1),
-    }
+    }, score
 
 
 def ratio(r: dict, p: dict) -> str:

@@ -128,3 +128,50 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
     old = {k: v for k, v in row.items() if k != "student"}  # a row from before the setting: forward
     assert not accuracy.is_default(old, shipped)
     assert accuracy.is_default(old, TrainConfig(student="forward"))
+
+
+def test_fused_map_standardises_each_map_on_its_own_good_statistics():
+    """accuracy.py --fuse: by hand, a map of mean 10 / std 2 and one of mean 0 / std 0.5."""
+    import accuracy
+
+    a = np.array([[[10.0, 14.0], [12.0, 10.0]]])  # z: 0, 2, 1, 0
+    b = np.array([[[0.0, 0.0], [1.5, -0.5]]])  # z: 0, 0, 3, -1
+    fused, score = accuracy.fuse_maps([a, b], [(10.0, 2.0), (0.0, 0.5)])
+    np.testing.assert_allclose(fused, [[[0.0, 1.0], [2.0, -0.5]]])
+    np.testing.assert_allclose(score, [2.0])
+
+
+def test_memo_scores_each_batch_once():
+    import accuracy
+
+    calls = []
+
+    def fn(x):
+        calls.append(x.copy())
+        return x.sum(axis=(1, 2, 3)), None
+
+    memo = accuracy.Memo(fn)
+    x, y = np.zeros((2, 4, 4, 3), np.uint8), np.ones((2, 4, 4, 3), np.uint8)
+    assert memo(x)[0].tolist() == [0, 0]
+    assert memo(y)[0].tolist() == [48, 48]
+    assert memo(x.copy())[0].tolist() == [0, 0]
+    assert len(calls) == 2
+
+
+def test_accuracy_reuses_only_a_completed_bundle_of_the_same_settings(tmp_path):
+    import json
+
+    import accuracy
+
+    from engines.train import TrainConfig
+
+    cfg = TrainConfig(seed=3)
+    assert accuracy._reused_seconds(tmp_path, cfg) is None  # no model.json
+    training = {"config": cfg.model_dump(mode="json"), "seconds": 123.4, "interrupted": False}
+    (tmp_path / "model.json").write_text(json.dumps({"training": training}))
+    assert accuracy._reused_seconds(tmp_path, cfg) == 123.4
+    assert accuracy._reused_seconds(tmp_path, TrainConfig(seed=4)) is None
+    (tmp_path / "model.json").write_text(json.dumps({"training": {**training, "interrupted": True}}))
+    assert accuracy._reused_seconds(tmp_path, cfg) is None
+    (tmp_path / "model.json").write_text("{not json")
+    assert accuracy._reused_seconds(tmp_path, cfg) is None
