@@ -28,6 +28,7 @@ training time), e.g. to fit the peer again with another ``--peer-coreset``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -167,7 +168,7 @@ def main() -> int:
     shipped = TrainConfig()
     for ds in args.datasets:
         data = args.data_root / ds
-        peer, peer_model = None, None
+        peer, peer_score = None, None
         for variant in args.variants:
             extra = {"taps": args.taps} if args.taps else {}
             for name in OPTIONS:
@@ -204,10 +205,10 @@ def main() -> int:
                 print(f"note: {note}")
             print(format_plant(res["plant"]), flush=True)
             if peer is None and not args.no_peer:
-                peer, peer_model = _run_peer(data, args, train_paths, held_out)
+                peer, peer_score = _run_peer(data, args, train_paths, held_out)
             fused = None
-            if args.fuse and peer_model is not None:
-                fused = _run_fused(data, args, lambda x, m=model: predict(m, x), peer_model, held_out)
+            if args.fuse and peer_score is not None:
+                fused = _run_fused(data, args, lambda x, m=model: predict(m, x), peer_score, held_out)
             row = {
                 "dataset": ds,
                 "variant": variant,
@@ -264,8 +265,6 @@ class Memo:
         self.cache: dict[bytes, tuple] = {}
 
     def __call__(self, images):
-        import hashlib
-
         key = hashlib.sha1(images.tobytes()).digest() + repr(images.shape).encode()
         if key not in self.cache:
             self.cache[key] = self.fn(images)

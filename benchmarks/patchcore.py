@@ -66,6 +66,35 @@ def nearest(
     return torch.cat(dists), torch.cat(idx)
 
 
+def local_patches(feats: list[torch.Tensor]) -> torch.Tensor:
+    """Locally aware patch features (N, D, h, w): each tapped map averaged over its 3x3 neighbourhood
+    (stride 1), the coarser maps upsampled (bilinear) to the first (finest) one, concatenated."""
+    feats = [F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False) for f in feats]
+    h, w = feats[0].shape[-2:]
+    up = [feats[0]]
+    for f in feats[1:]:
+        if f.shape[-2:] != (h, w):
+            f = resize_bilinear(f, bilinear_matrix(h, f.shape[-2]), bilinear_matrix(w, f.shape[-1]))
+        up.append(f)
+    return torch.cat(up, dim=1)
+
+
+def smooth(m: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(N, 1, H, W) maps smoothed with a Gaussian of ``sigma`` pixels, borders renormalised (as the
+    product's map: the zero-padded blur divided by the blur of ones)."""
+    if sigma <= 0:
+        return m
+    kern = gaussian_kernel1d(sigma)
+    r = (kern.numel() - 1) // 2
+    ones = torch.ones_like(m[:1])
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, kern.view(1, 1, 1, -1), padding=(0, r))
+        return F.conv2d(x, kern.view(1, 1, -1, 1), padding=(r, 0))
+
+    return blur(m) / blur(ones)
+
+
 @dataclass
 class PatchCoreConfig:
     taps: tuple[int, ...] = (4, 10)  # stride 8 and 16: the mid-level maps, as PatchCore's layer2 + layer3
@@ -98,16 +127,8 @@ class PatchCore:
         out, grid = [], (0, 0)
         for i in range(0, len(images), self.cfg.batch_size):
             x = torch.from_numpy(images[i : i + self.cfg.batch_size]).permute(0, 3, 1, 2).float()
-            feats = self.teacher(normalize_input(x))
-            feats = [F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False) for f in feats]
-            h, w = feats[0].shape[-2:]
-            grid = (h, w)
-            up = [feats[0]]
-            for f in feats[1:]:
-                if f.shape[-2:] != (h, w):
-                    f = resize_bilinear(f, bilinear_matrix(h, f.shape[-2]), bilinear_matrix(w, f.shape[-1]))
-                up.append(f)
-            cat = torch.cat(up, dim=1)
+            cat = local_patches(self.teacher(normalize_input(x)))
+            grid = tuple(cat.shape[-2:])
             out.append(cat.permute(0, 2, 3, 1).reshape(-1, cat.shape[1]))
         return torch.cat(out), grid
 
@@ -138,7 +159,7 @@ class PatchCore:
             scores.append(self._reweighted_max(feats.view(len(part), h * w, -1), patch, j[:, 0].view(len(part), -1), k))
             m = patch.view(len(part), 1, h, w)
             m = resize_bilinear(m, bilinear_matrix(size, h), bilinear_matrix(size, w))
-            maps.append(self._blur(m)[:, 0])
+            maps.append(smooth(m, self.cfg.blur_sigma)[:, 0])
         return torch.cat(maps).numpy(), torch.cat(scores).numpy()
 
     def _reweighted_max(self, feats: torch.Tensor, patch: torch.Tensor, nn_idx: torch.Tensor, k: int) -> torch.Tensor:
@@ -154,16 +175,3 @@ class PatchCore:
             w = 1.0 - torch.exp(dq[0] - torch.logsumexp(dq, 0)) if k > 1 else torch.tensor(1.0)
             out[n] = w * s_star
         return out
-
-    def _blur(self, m: torch.Tensor) -> torch.Tensor:
-        if self.cfg.blur_sigma <= 0:
-            return m
-        kern = gaussian_kernel1d(self.cfg.blur_sigma)
-        r = (kern.numel() - 1) // 2
-        ones = torch.ones_like(m[:1])
-
-        def blur(x: torch.Tensor) -> torch.Tensor:
-            x = F.conv2d(x, kern.view(1, 1, 1, -1), padding=(0, r))
-            return F.conv2d(x, kern.view(1, 1, -1, 1), padding=(r, 0))
-
-        return blur(m) / blur(ones)

@@ -95,10 +95,22 @@ class InferenceGraphFP16(nn.Module):
 
 def export_onnx(model: KDModel, path: Path, opset: int = OPSET, fp16: bool = False) -> Path:
     """Export ``model`` to one self-contained ONNX file at ``path`` (dynamic batch)."""
+    graph = InferenceGraphFP16(model) if fp16 else InferenceGraph(model)
+    doc = "lineinspect student/teacher anomaly graph: uint8 NHWC RGB -> anomaly_map, score" + (
+        " (networks in fp16)" if fp16 else ""
+    )
+    return export_graph(graph, model.cfg.image_size, path, doc, opset)
+
+
+def export_graph(
+    graph: nn.Module, size: int, path: Path, doc: str, opset: int = OPSET, tensorrt_check: bool = True
+) -> Path:
+    """Export a graph of the contract above (uint8 NHWC ``size`` x ``size`` in), checked by ONNX and
+    (unless ``tensorrt_check`` is off: benchmark graphs only) the TensorRT rule check, to one
+    self-contained file at ``path``."""
     import onnx
 
-    size = model.cfg.image_size
-    graph = (InferenceGraphFP16(model) if fp16 else InferenceGraph(model)).eval()
+    graph = graph.eval()
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=64)
     path = Path(path)
@@ -120,11 +132,9 @@ def export_onnx(model: KDModel, path: Path, opset: int = OPSET, fp16: bool = Fal
         msg = f"torch.onnx.export failed: {exc}"
         raise ExportError(msg) from exc
     proto = program.model_proto
-    proto.doc_string = "lineinspect student/teacher anomaly graph: uint8 NHWC RGB -> anomaly_map, score" + (
-        " (networks in fp16)" if fp16 else ""
-    )
+    proto.doc_string = doc
     onnx.checker.check_model(proto, full_check=True)
-    problems = tensorrt_problems(proto)
+    problems = tensorrt_problems(proto) if tensorrt_check else []
     if problems:
         msg = "the exported graph would not build in TensorRT 10: " + "; ".join(problems)
         raise ExportError(msg)
