@@ -62,8 +62,10 @@ NET_KEYS = (
     "lr",
     "position_spread_images",
     "student",
+    "global_taps",
 )
 OLD_DEFAULTS = {
+    "global_taps": [],  # rows from before the global term: the map's score alone
     "student": "forward",  # rows from before the reverse student existed
     "student_expand": 6,
     "distance": "cosine",
@@ -84,6 +86,7 @@ OPTIONS = (
     "lr",
     "epochs",
     "position_spread_images",
+    "global_taps",
 )
 
 
@@ -146,6 +149,12 @@ def main() -> int:
         type=int,
         help="training images for the per-position spread of good maps (0: one spread, the previous default)",
     )
+    ap.add_argument(
+        "--global-taps",
+        type=int,
+        nargs="*",
+        help="teacher blocks of the image-level Gaussian term (none given: no term; default: the model's)",
+    )
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
     ap.add_argument("--peer-coreset", type=float, default=0.01, help="PatchCore coreset ratio")
@@ -204,6 +213,7 @@ def main() -> int:
             for note in res["notes"]:
                 print(f"note: {note}")
             print(format_plant(res["plant"]), flush=True)
+            components = _run_components(data, args, model, held_out) if model.global_term is not None else None
             if peer is None and not args.no_peer:
                 peer, peer_score = _run_peer(data, args, train_paths, held_out)
             fused = None
@@ -220,6 +230,7 @@ def main() -> int:
                 "student_expand": cfg.student_expand,
                 "distance": cfg.distance,
                 "hard_quantile": cfg.hard_quantile,
+                "global_taps": list(cfg.global_taps),
                 "position_spread_images": cfg.position_spread_images,
                 "crop_size": cfg.crop_size,
                 "lr": cfg.lr,
@@ -229,6 +240,7 @@ def main() -> int:
                 "default": False,  # set for every row below, against what lineinspect train ships now
                 "peer": peer,
                 **({"fused": fused} if fused else {}),
+                **(components or {}),
                 "notes": res["notes"],
                 "machine": machine,
                 "per_defect": res["rows"][:-1],
@@ -250,8 +262,18 @@ def _reused_seconds(bundle: Path, cfg: TrainConfig) -> float | None:
         training = json.loads((bundle / "model.json").read_text())["training"]
     except (OSError, ValueError, KeyError):
         return None
-    if training.get("config") != cfg.model_dump(mode="json") or training.get("interrupted"):
+    want = cfg.model_dump(mode="json")
+    have = dict(training.get("config") or {})
+    if training.get("interrupted") or {k: v for k, v in have.items() if k != "global_taps"} != {
+        k: v for k, v in want.items() if k != "global_taps"
+    }:
         return None
+    if have.get("global_taps", []) != want["global_taps"]:
+        # the global term is fitted after training, on the same split: fit it as train would
+        from engines.train import refit_global_term
+
+        print(f"fitting the global term {want['global_taps']} to {bundle}")
+        refit_global_term(bundle, want["global_taps"])
     print(f"reusing {bundle} (trained in {training['seconds']:.0f} s)")
     return float(training["seconds"])
 
@@ -323,6 +345,40 @@ def _run_peer(data: Path, args, train_paths: list[Path], held_out: list[Path]) -
         **_summary(res),
         "fit_seconds": round(fit_s, 1),
     }, score
+
+
+def _run_components(data: Path, args, model, held_out: list[Path]) -> dict:
+    """Image metrics of each half of the image score alone, from the same network and run: how much
+    the map (the distillation) and the global term each carry."""
+    import numpy as np
+
+    from engines.data import eval_items, load_images
+    from engines.evaluate import plant_metric
+    from engines.metrics import auroc
+    from engines.train import score_halves
+
+    items = eval_items(data)
+    parts = [score_halves(model, load_images([it.path for it in items[i : i + 64]], args.image_size))
+             for i in range(0, len(items), 64)]  # fmt: skip
+    test = [np.concatenate([p[j] for p in parts]) for j in (0, 1)]
+    cal = score_halves(model, load_images(held_out, args.image_size))
+    defects = [it.defect for it in items]
+    y = np.array([d != "good" for d in defects])
+    out = {}
+    for j, name in enumerate(("map_only", "global_only")):
+        p = plant_metric(cal[j], test[j], defects, args.alpha)
+        out[name] = {
+            "image_auroc": _r(auroc(y, test[j])),
+            "frr_at_1pct": _r(p.frr),
+            "caught_at_1pct": _r(p.caught),
+            "caught_at_1pct_per_defect": {k: _r(v) for k, v in p.caught_per_defect.items()},
+        }
+        print(
+            f"{name}: image AUROC {out[name]['image_auroc']:.3f}, at 1 %: false rejects {p.frr:.1%}, "
+            f"caught {p.caught:.1%}",
+            flush=True,
+        )
+    return out
 
 
 def ratio(r: dict, p: dict) -> str:

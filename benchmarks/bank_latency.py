@@ -50,7 +50,7 @@ class FusedBankGraph(nn.Module):
     def __init__(self, model: KDModel, bank_rows: int, bank_taps: tuple[int, ...] = (4, 10)):
         super().__init__()
         self.model = frozen_copy(model)
-        taps = list(model.cfg.taps)
+        taps = list(model.cfg.teacher_taps())  # the order of the teacher's outputs
         self.idx = [taps.index(t) for t in bank_taps]
         self.size = model.cfg.image_size
         self.sigma = PatchCoreConfig().blur_sigma
@@ -63,9 +63,11 @@ class FusedBankGraph(nn.Module):
         m = self.model
         xn = normalize_input(to_float_nchw(image))
         raw = m.teacher(xn)
-        t_feats = m.standardise(raw)
+        kd_raw, global_raw = m.split_taps(raw)
+        t_feats = m.standardise(kd_raw)
         s_feats, _ = m.student(xn, t_feats)
-        ours = m.fuse(m.scale_maps(t_feats, s_feats))
+        amap, shipped_score = m.head(t_feats, s_feats, global_raw)  # the shipped map and score
+        ours = amap[:, None]
         patches = local_patches([raw[i] for i in self.idx])
         h, w = patches.shape[-2:]
         q = patches.flatten(2).transpose(1, 2)  # (N, patches, D)
@@ -74,7 +76,7 @@ class FusedBankGraph(nn.Module):
         bank_map = resize_bilinear(near, bilinear_matrix(self.size, h), bilinear_matrix(self.size, w))
         bank_map = smooth(bank_map, self.sigma)
         fused = 0.5 * (ours + (bank_map - 1.0) / 0.5)  # the standardisation: two constants
-        return fused[:, 0], fused.flatten(1).amax(1)
+        return fused[:, 0], torch.maximum(fused.flatten(1).amax(1), shipped_score)
 
 
 class OrtRun:

@@ -73,7 +73,7 @@ class InferenceGraphFP16(nn.Module):
     """The same contract with the two networks in fp16 (for TensorRT 11's strongly typed builds).
 
     Input/output stay uint8 / float32; SimAM statistics, cosine distances, normalisation,
-    smoothing and the score stay fp32.
+    smoothing, the global term and the score stay fp32.
     """
 
     def __init__(self, model: KDModel):
@@ -87,10 +87,10 @@ class InferenceGraphFP16(nn.Module):
 
         m = self.model
         xn = normalize_input(to_float_nchw(image)).to(torch.float16)
-        t_feats = m.standardise([t.float() for t in self.teacher16(xn)])
+        kd_raw, global_raw = m.split_taps([t.float() for t in self.teacher16(xn)])
+        t_feats = m.standardise(kd_raw)
         s_feats = [s.float() for s in self.student16(xn, [t.half() for t in t_feats])[0]]
-        amap = m.fuse(m.scale_maps(t_feats, s_feats))
-        return amap[:, 0], m.image_score(amap)
+        return m.head(t_feats, s_feats, global_raw)
 
 
 def export_onnx(model: KDModel, path: Path, opset: int = OPSET, fp16: bool = False) -> Path:

@@ -65,6 +65,16 @@ class NetConfig:
     score: str = "max"  # "max" or "topk"
     topk_fraction: float = 0.001
     scale_weights: tuple[float, ...] = field(default_factory=lambda: (1.0, 1.0, 1.0))
+    # Teacher blocks whose features, pooled over the image (mean and spread per channel), feed the
+    # image-level Gaussian term (GlobalTerm); () for none, as in bundles from before it. With it the
+    # image score is the larger of the map's score and the term's distance, each standardised on
+    # the held-out good parts. The term sees what a map maximum cannot: a part whose texture or
+    # brightness is off as a whole (magnetic_tile's "uneven"); README, "Accuracy".
+    global_taps: tuple[int, ...] = ()
+
+    def teacher_taps(self) -> tuple[int, ...]:
+        """The teacher blocks the network reads: the distillation taps and the global term's."""
+        return tuple(sorted(set(self.taps) | set(self.global_taps)))
 
     def sspcab_block(self) -> int:
         return self.taps[-1] - 1 if self.sspcab_after_block is None else self.sspcab_after_block
@@ -104,11 +114,18 @@ class NetConfig:
         if self.fuse_stride not in (1, 2, 4):
             msg = f"fuse_stride must be 1, 2 or 4, got {self.fuse_stride}"
             raise ValueError(msg)
+        if any(not 0 <= t < len(LITE0_BLOCKS) for t in self.global_taps) or len(set(self.global_taps)) != len(
+            self.global_taps
+        ):
+            last = len(LITE0_BLOCKS) - 1
+            msg = f"global_taps must be distinct teacher blocks in 0..{last}, got {list(self.global_taps)}"
+            raise ValueError(msg)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["taps"] = list(self.taps)
         d["scale_weights"] = list(self.scale_weights)
+        d["global_taps"] = list(self.global_taps)
         return d
 
     @classmethod
@@ -121,6 +138,7 @@ class NetConfig:
         d.setdefault("distance", "cosine")  # ... and before distance existed, maps were cosine distances
         d.setdefault("student", "forward")  # ... and before student existed, it was the teacher's topology
         d.setdefault("reverse_width", 192)
+        d["global_taps"] = tuple(d.get("global_taps", ()))  # ... and before the global term, none
         return cls(**d)
 
 
@@ -305,6 +323,68 @@ def hard_mean(d: torch.Tensor, q: float | None) -> torch.Tensor:
     return flat.topk(k).values.mean()
 
 
+def pooled_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation over the image of (N, C, h, w) features: (N, C) each
+    (two passes, so bf16 / fp16 runtimes do not lose the spread to cancellation)."""
+    m = f.mean(dim=(2, 3), keepdim=True)
+    d = f - m
+    return m.flatten(1), ((d * d).mean(dim=(2, 3)) + 1e-12).sqrt()
+
+
+GLOBAL_PREFIX = "global_term."
+
+
+class GlobalTerm(nn.Module):
+    """Image-level term: Mahalanobis distance of a part's pooled teacher features (per tap, the
+    per-channel mean and spread over the image) to the Gaussian of the good training parts.
+
+    The whitening matrix is kept as one block of rows per tap and statistic, so the graph is
+    matrix products and sums (no concatenation or slicing): ``||sum_b (x_b - mean_b) @ W_b||``.
+    """
+
+    def __init__(self, channels: list[int]):
+        super().__init__()
+        self.channels = list(channels)
+        dim = 2 * sum(self.channels)
+        for i, c in enumerate(self.channels):
+            for stat in ("mean", "std"):
+                self.register_buffer(f"center_{stat}_{i}", torch.zeros(c))
+                self.register_buffer(f"whiten_{stat}_{i}", torch.zeros(c, dim))
+
+    @property
+    def dim(self) -> int:
+        return 2 * sum(self.channels)
+
+    @staticmethod
+    def descriptor(feats: list[torch.Tensor]) -> torch.Tensor:
+        """(N, D): per tap its pooled means, then its pooled spreads (the order of the blocks)."""
+        return torch.cat([x for f in feats for x in pooled_stats(f)], dim=1)
+
+    def set_gaussian(self, mean: torch.Tensor | list, whiten: torch.Tensor | list) -> None:
+        """Centre (D,) and whitening (D, D) in ``descriptor``'s order."""
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        whiten = torch.as_tensor(whiten, dtype=torch.float32)
+        if mean.shape != (self.dim,) or whiten.shape != (self.dim, self.dim):
+            msg = (
+                f"global term of dimension {self.dim} got a mean {tuple(mean.shape)} "
+                f"and whitening {tuple(whiten.shape)}"
+            )
+            raise ValueError(msg)
+        at = 0
+        for i, c in enumerate(self.channels):
+            for stat in ("mean", "std"):
+                getattr(self, f"center_{stat}_{i}").copy_(mean[at : at + c])
+                getattr(self, f"whiten_{stat}_{i}").copy_(whiten[at : at + c])
+                at += c
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        y = 0
+        for i, f in enumerate(feats):
+            for stat, x in zip(("mean", "std"), pooled_stats(f), strict=True):
+                y = y + (x - getattr(self, f"center_{stat}_{i}")) @ getattr(self, f"whiten_{stat}_{i}")
+        return (y * y).sum(dim=1).sqrt()
+
+
 class KDModel(nn.Module):
     """Frozen teacher + student. Input: float RGB 0..255, NCHW, at ``image_size``."""
 
@@ -313,8 +393,17 @@ class KDModel(nn.Module):
     ):
         super().__init__()
         cfg.validate()
+        if tuple(teacher.taps) != cfg.teacher_taps():
+            msg = f"the teacher taps blocks {list(teacher.taps)}, this network reads {list(cfg.teacher_taps())}"
+            raise ValueError(msg)
         self.cfg = cfg
         self.teacher = teacher
+        self._kd_at = [cfg.teacher_taps().index(t) for t in cfg.taps]
+        self._global_at = [cfg.teacher_taps().index(t) for t in cfg.global_taps]
+        self.global_term = GlobalTerm(tap_channels(cfg.global_taps)) if cfg.global_taps else None
+        # mean / std on the held-out good parts of the map's image score and of the global term's
+        # distance: the image score is the larger of the two standardised (with a global term)
+        self.register_buffer("score_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.student = ReverseStudent(cfg) if cfg.student == "reverse" else Student(cfg)
         self.sspcab_lambda = sspcab_lambda
         self.hard_quantile = hard_quantile
@@ -361,10 +450,54 @@ class KDModel(nn.Module):
         s_feats, rec = self.student(xn, t_feats)
         return t_feats, s_feats, rec
 
+    def split_taps(self, raw: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The teacher's outputs (``cfg.teacher_taps()`` order) -> (distillation taps, global term's taps)."""
+        return [raw[i] for i in self._kd_at], [raw[i] for i in self._global_at]
+
     @torch.no_grad()
     def teacher_features(self, xn: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen teacher's tapped features, standardised per channel when the distance is "l2"."""
-        return self.standardise(self.teacher(xn))
+        """The frozen teacher's distillation taps, standardised per channel when the distance is "l2"."""
+        return self.standardise(self.split_taps(self.teacher(xn))[0])
+
+    def run_networks(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Teacher and student on float RGB 0..255: (standardised teacher taps, student taps, the raw
+        teacher features of the global term's taps)."""
+        xn = normalize_input(x)
+        kd_raw, global_raw = self.split_taps(self.teacher(xn))
+        t_feats = self.standardise(kd_raw)
+        return t_feats, self.student(xn, t_feats)[0], global_raw
+
+    def head(
+        self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor], global_raw: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the networks' features become: (map (N, H, W), image score (N,))."""
+        amap = self.fuse(self.scale_maps(t_feats, s_feats))
+        score = self.image_score(amap)
+        if self.global_term is not None:
+            score = self.fused_score(score, self.global_term(global_raw))
+        return amap[:, 0], score
+
+    def score_halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two halves of the image score before standardisation: the map's score and the
+        global term's distance, (N,) each (needs a global term)."""
+        if self.global_term is None:
+            msg = "this network has no global term (global_taps is empty)"
+            raise ValueError(msg)
+        t_feats, s_feats, global_raw = self.run_networks(x)
+        return self.image_score(self.fuse(self.scale_maps(t_feats, s_feats))), self.global_term(global_raw)
+
+    def fused_score(self, map_score: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+        """max(map score, global distance), each standardised on the held-out good parts; written
+        b + relu(a - b) (operators TensorRT's parser is checked for)."""
+        st = self.score_stats
+        a = (map_score - st[0]) / st[1]
+        b = (distance - st[2]) / st[3]
+        return b + F.relu(a - b)
+
+    def set_score_stats(self, map_mean: float, map_std: float, global_mean: float, global_std: float) -> None:
+        self.score_stats.copy_(
+            torch.tensor([map_mean, max(map_std, 1e-8), global_mean, max(global_std, 1e-8)], dtype=torch.float32)
+        )
 
     def standardise(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.cfg.distance == "cosine":
@@ -433,14 +566,30 @@ class KDModel(nn.Module):
         if self.training:
             xn = normalize_input(x)
             return self.training_losses(xn, self.teacher_features(xn))
-        t_feats, s_feats, _ = self.features(x)
-        amap = self.fuse(self.scale_maps(t_feats, s_feats))
-        return amap[:, 0], self.image_score(amap)
+        return self.head(*self.run_networks(x))
 
     def train(self, mode: bool = True) -> KDModel:
         super().train(mode)
         self.teacher.train(False)
         return self
+
+    # --- what a bundle's student.pt holds ----------------------------------------------------------
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        """The student's state_dict, and the global term's Gaussian under ``global_term.``."""
+        sd = dict(self.student.state_dict())
+        if self.global_term is not None:
+            sd.update({f"{GLOBAL_PREFIX}{k}": v for k, v in self.global_term.state_dict().items()})
+        return sd
+
+    def load_fitted_state(self, sd: dict[str, torch.Tensor]) -> None:
+        """Strict inverse of ``fitted_state`` (a missing or unexpected key raises)."""
+        glob = {k[len(GLOBAL_PREFIX) :]: v for k, v in sd.items() if k.startswith(GLOBAL_PREFIX)}
+        if glob and self.global_term is None:
+            msg = "the weights carry a global term but the network's config has no global_taps"
+            raise ValueError(msg)
+        self.student.load_state_dict({k: v for k, v in sd.items() if not k.startswith(GLOBAL_PREFIX)}, strict=True)
+        if self.global_term is not None:
+            self.global_term.load_state_dict(glob, strict=True)
 
     def set_scale_stats(
         self, mean: list[float], std: list[float], pos_mean: list | None = None, pos_std: float | list | None = None

@@ -8,12 +8,15 @@ and how far the int8 outputs land from f32 on held-out good images). The runtime
 ``openvino`` precision ``int8``, and refuses them once the ONNX export they came from is replaced.
 
 Only the two networks' dense convolutions are quantised (weights per channel, activations per
-tensor). Depthwise convolutions and the map head (cosine distances, SimAM statistics, resizes as
-matrix products, smoothing, score) stay in floating point: bf16 on CPUs that have it, else f32.
-On CPUs without bf16 (most line PCs) int8 is the fast path (-37 % against f32 on the benchmark
-CPU); where bf16 exists it was 10 % faster than bf16 alone there in normal runs (4.91 against
-5.48 ms at batch 1) and 10 % slower in the VM's slow spells. It moves the scores more than bf16
-does (``benchmarks/backend_accuracy.py`` has the table), so it is opt-in and the station must be
+tensor); in a bundle with a global term (the default since stop 17) only the student's: the
+teacher, the term and the score's sums stay in floating point (``FLOAT_SCOPES``). Depthwise
+convolutions and the map head (cosine distances, SimAM statistics, resizes as matrix products,
+smoothing, score) stay in floating point: bf16 on CPUs that have it, else f32. On CPUs without
+bf16 (most line PCs) int8 was the fast path before the global term (-37 % against f32 on the
+benchmark CPU, both networks quantised; not re-measured with the teacher in float); where bf16
+exists it was 10 % faster than bf16 alone there in normal runs (4.91 against 5.48 ms at batch 1)
+and 10 % slower in the VM's slow spells. It moves the scores more than bf16 does
+(``benchmarks/backend_accuracy.py`` has the table), so it is opt-in and the station must be
 calibrated with it (calibration records the precision and the service warns when they differ).
 """
 
@@ -40,6 +43,14 @@ HEAD_OPS = ("MatMul", "Multiply", "ReduceL2", "ReduceSum", "ReduceMean")
 # fake-quantised inputs anyway (no int8 kernel picked), so quantising them only added error and
 # reorders (int8 at batch 1: 5.00 -> 4.87 ms without them, on the benchmark CPU).
 NOT_QUANTISED = (*HEAD_OPS, "GroupConvolution")
+# With a global term, these modules (exporter namespaces) stay in floating point: the term's
+# Mahalanobis distance magnifies the good parts' least-varying feature directions, so int8 teacher
+# features moved it so far that magnetic_tile's image AUROC fell from 0.949 (f32) to 0.669; with
+# the teacher and the term in floating point (and the sums below) int8 scored 0.965 (bf16 0.959).
+FLOAT_SCOPES = ("model.global_term", "model.teacher")
+# ... and with a global term, the elementwise sums and differences too: NNCF quantised the inputs
+# of the score's standardisation and maximum, and every part scored the same
+GLOBAL_TERM_FLOAT_TYPES = ("Add", "Subtract")
 HELD_OUT = 16  # good images kept out of the statistics to measure the int8 deviation on
 
 
@@ -101,6 +112,28 @@ def _int8_deviation(f32, int8, images: np.ndarray) -> dict[str, float]:
     }
 
 
+def nodes_under(onnx_path: Path, scope: str) -> list[str]:
+    """Names of the ONNX nodes the exporter recorded under module ``scope`` (``namespace`` metadata)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return [
+        n.name
+        for n in model.graph.node
+        if any(p.key == "namespace" and f"/{scope}:" in p.value for p in n.metadata_props)
+    ]
+
+
+def float_scope_patterns(onnx_path: Path, meta: dict[str, Any], scopes: tuple[str, ...] = FLOAT_SCOPES) -> list[str]:
+    """Patterns (OpenVINO names a node after its ONNX node, with suffixes such as ``/WithoutBiases``)
+    for the nodes of the modules that stay in floating point in a bundle with a global term."""
+    if not (meta.get("net") or {}).get("global_taps"):
+        return []
+    import re
+
+    return [f"^{re.escape(name)}(/.*)?$" for scope in scopes for name in nodes_under(onnx_path, scope)]
+
+
 def quantize_bundle(bundle: Path, images_dir: Path | None = None, n_images: int = 300, seed: int = 0) -> Path:
     """Quantise ``bundle/model.onnx`` to an int8 OpenVINO IR in the bundle; returns the .xml path."""
     try:
@@ -118,6 +151,7 @@ def quantize_bundle(bundle: Path, images_dir: Path | None = None, n_images: int 
     order = rng.permutation(len(images))
     held_out, stats = images[order[:HELD_OUT]], images[order[HELD_OUT:]]
 
+    has_global = bool(meta["net"].get("global_taps"))
     core = ov.Core()
     model = core.read_model(str(onnx_path))
     nncf.set_log_level(logging.ERROR)
@@ -131,7 +165,11 @@ def quantize_bundle(bundle: Path, images_dir: Path | None = None, n_images: int 
             # The map head stays in floating point: quantising the inputs of its products and
             # reductions (cosine distances, SimAM) tripled the int8 error on the map (mean |diff|
             # from f32 0.32 without them, 1.0 with them, on magnetic_tile) for no gain in speed.
-            ignored_scope=nncf.IgnoredScope(types=list(NOT_QUANTISED), validate=False),
+            ignored_scope=nncf.IgnoredScope(
+                types=list(NOT_QUANTISED) + (list(GLOBAL_TERM_FLOAT_TYPES) if has_global else []),
+                patterns=float_scope_patterns(onnx_path, meta),
+                validate=False,
+            ),
         )
     except Exception as exc:
         msg = f"nncf could not quantise {onnx_path}: {str(exc).strip().splitlines()[0]}"
@@ -166,7 +204,9 @@ def quantize_bundle(bundle: Path, images_dir: Path | None = None, n_images: int 
         "for_onnx_sha256": meta["onnx"]["sha256"],
         "calibration_images": {"n": len(stats), "source": str(images_dir or meta["training"]["data"])},
         "scheme": "nncf PERFORMANCE preset: int8 convolutions, per-channel weights, per-tensor activations; "
-        f"not quantised: {', '.join(NOT_QUANTISED)} (the map head and depthwise convolutions: bf16 where the "
+        f"not quantised: {', '.join(NOT_QUANTISED + (GLOBAL_TERM_FLOAT_TYPES if has_global else ()))}"
+        + (f", modules {', '.join(FLOAT_SCOPES)}" if has_global else "")
+        + " (the map head and depthwise convolutions: bf16 where the "
         "CPU has it, else f32)",
         "deviation_from_f32": deviation,
         "nncf": nncf.__version__,

@@ -90,6 +90,12 @@ class TrainConfig(BaseModel):
         "(EfficientAD uses 0.999; None: all)",
     )
     scale_weights: list[float] | None = Field(None, description="per-tap weights in the fused map (None: equal)")
+    global_taps: list[int] = Field(
+        default_factory=lambda: [9, 10],
+        description="teacher blocks whose features, pooled over the image, feed the image-level Gaussian term "
+        "(fitted on the training parts; the image score is then the larger of the map's and the term's, each "
+        "standardised on the held-out parts); [] for the map's score alone, as before",
+    )
     blur_sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the fused map, input pixels")
     fuse_stride: Literal[1, 2, 4] = Field(4, description="fuse and smooth the maps at 1/N of the input size")
     score: Literal["max", "topk"] = Field("max", description="image score from the map")
@@ -118,6 +124,7 @@ class TrainConfig(BaseModel):
             score=self.score,
             topk_fraction=self.topk_fraction,
             scale_weights=weights,
+            global_taps=tuple(self.global_taps),
         )
         cfg.validate()
         return cfg
@@ -198,7 +205,7 @@ def compute_feature_stats(model: KDModel, images: np.ndarray, batch_size: int = 
     s2: list[torch.Tensor] = []
     count = 0
     for i in range(0, len(images), batch_size):
-        feats = model.teacher(normalize_input(to_tensor(images[i : i + batch_size], device)))
+        feats = model.split_taps(model.teacher(normalize_input(to_tensor(images[i : i + batch_size], device))))[0]
         for j, f in enumerate(feats):
             f = f.double()
             a, b = f.sum(dim=(0, 2, 3)), (f * f).sum(dim=(0, 2, 3))
@@ -265,22 +272,93 @@ def compute_map_stats(
         # floor at a tenth of the global spread: a position that never moves must not blow up
         pos_std = [[round(v, 5) for v in row] for row in per_pos.clamp_min(0.1 * pos_std).tolist()]
     model.set_scale_stats(mean.tolist(), std.tolist(), pos_mean.tolist(), pos_std)
-    _, scores = predict(model, images, batch_size)
-    q = np.quantile(scores, [0.5, 0.9, 0.99, 1.0]).tolist() if len(scores) else [float("nan")] * 4
     return {
         "scale_mean": mean.tolist(),
         "scale_std": std.tolist(),
         "pos_mean": [[round(v, 5) for v in row] for row in pos_mean.tolist()],
         "pos_std": pos_std,
         "n_images": len(images),
-        "good_score": {
-            "mean": float(np.mean(scores)),
-            "std": float(np.std(scores)),
-            "p50": q[0],
-            "p90": q[1],
-            "p99": q[2],
-            "max": q[3],
+    }
+
+
+@torch.no_grad()
+def global_descriptors(model: KDModel, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """(N, D) pooled teacher features of the global term's taps (``GlobalTerm.descriptor``), float64."""
+    from engines.model import GlobalTerm
+
+    device = next(model.student.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        raw = model.teacher(normalize_input(to_tensor(images[i : i + batch_size], device)))
+        out.append(GlobalTerm.descriptor(model.split_taps(raw)[1]).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def fit_global_term(
+    model: KDModel, train_images: np.ndarray, held_out: np.ndarray, batch_size: int = 16
+) -> dict[str, Any]:
+    """Fit the global term's Gaussian on the training parts, then the mean / std of the map's image
+    score and of the term's distance on the held-out parts (the two are standardised with them:
+    the Gaussian's own parts would sit closer to it than any new part). Needs the map statistics."""
+    from engines.gaussian import fit_gaussian
+
+    if model.global_term is None:
+        msg = "this network has no global term (global_taps is empty)"
+        raise ValueError(msg)
+    fit = fit_gaussian(global_descriptors(model, train_images, batch_size))
+    model.global_term.set_gaussian(torch.from_numpy(fit.mean), torch.from_numpy(fit.whiten))
+    model.eval()
+    device = next(model.student.parameters()).device
+    map_scores, dists = [], []
+    for i in range(0, len(held_out), batch_size):
+        m, d = model.score_halves(to_tensor(held_out[i : i + batch_size], device))
+        map_scores.append(m.double().cpu())
+        dists.append(d.double().cpu())
+    ms, gd = torch.cat(map_scores), torch.cat(dists)
+    stats = {
+        "map_mean": float(ms.mean()),
+        "map_std": float(ms.std()) if len(ms) > 1 else 1.0,
+        "global_mean": float(gd.mean()),
+        "global_std": float(gd.std()) if len(gd) > 1 else 1.0,
+    }
+    model.set_score_stats(**stats)
+    return {
+        "score_stats": stats,
+        "global_term": {
+            "taps": list(model.cfg.global_taps),
+            "dim": model.global_term.dim,
+            "n_fit": fit.n,
+            "n_held_out": len(held_out),
+            "shrinkage": round(fit.shrinkage, 6),
         },
+    }
+
+
+@torch.no_grad()
+def score_halves(model: KDModel, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``KDModel.score_halves`` over uint8 RGB images (N, H, W, 3): map scores, global distances."""
+    model.eval()
+    device = next(model.student.parameters()).device
+    maps, dists = [], []
+    for i in range(0, len(images), batch_size):
+        m, d = model.score_halves(to_tensor(images[i : i + batch_size], device))
+        maps.append(m.float().cpu().numpy())
+        dists.append(d.float().cpu().numpy())
+    return np.concatenate(maps), np.concatenate(dists)
+
+
+def good_score_summary(model: KDModel, images: np.ndarray, batch_size: int = 16) -> dict[str, float]:
+    """Quantiles of the image score on good parts (what ``lineinspect train`` prints)."""
+    _, scores = predict(model, images, batch_size)
+    q = np.quantile(scores, [0.5, 0.9, 0.99, 1.0]).tolist() if len(scores) else [float("nan")] * 4
+    return {
+        "mean": float(np.mean(scores)),
+        "std": float(np.std(scores)),
+        "p50": q[0],
+        "p90": q[1],
+        "p99": q[2],
+        "max": q[3],
     }
 
 
@@ -292,7 +370,7 @@ def load_bundle_model(bundle: Path, device: str = "cpu", teacher_weights: Path |
     weights = teacher_weights or (
         Path(meta["teacher"]["weights_file"]) if meta["teacher"].get("weights_file") else None
     )
-    teacher, sha = build_teacher(weights, cfg.taps)
+    teacher, sha = build_teacher(weights, cfg.teacher_taps())
     if sha != meta["teacher"]["weights_sha256"]:
         msg = (
             f"teacher weights sha256 {sha[:12]}... differs from the one this bundle was trained with "
@@ -306,7 +384,7 @@ def load_bundle_model(bundle: Path, device: str = "cpu", teacher_weights: Path |
         raise bundle_mod.BundleError(msg)
     try:
         sd = torch.load(pt, map_location="cpu", weights_only=True)
-        model.student.load_state_dict(sd, strict=True)
+        model.load_fitted_state(sd)
     except Exception as exc:
         msg = f"{pt} could not be loaded as this bundle's student weights: {exc}"
         raise bundle_mod.BundleError(msg) from exc
@@ -317,6 +395,11 @@ def load_bundle_model(bundle: Path, device: str = "cpu", teacher_weights: Path |
             raise bundle_mod.BundleError(msg)
         model.set_feature_stats(stats["feature_mean"], stats["feature_std"])
     model.set_scale_stats(stats["scale_mean"], stats["scale_std"], stats.get("pos_mean"), stats.get("pos_std"))
+    if cfg.global_taps:
+        if "score_stats" not in stats:
+            msg = f"{bundle}/model.json has global_taps but no map_stats.score_stats"
+            raise bundle_mod.BundleError(msg)
+        model.set_score_stats(**stats["score_stats"])
     return model.to(pick_device(device)).eval()
 
 
@@ -447,7 +530,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
     val_imgs = load_images(val_paths, cfg.image_size)
 
     weights_path = cfg.teacher_weights or default_weights_path()
-    teacher, teacher_sha = build_teacher(weights_path, net_cfg.taps)
+    teacher, teacher_sha = build_teacher(weights_path, net_cfg.teacher_taps())
     model = KDModel(teacher, net_cfg, sspcab_lambda=cfg.sspcab_lambda, hard_quantile=cfg.hard_quantile).to(device)
     feature_stats = compute_feature_stats(model, train_imgs) if net_cfg.distance == "l2" else {}
     n_codes = 4 if cfg.augment == "flip" else 1
@@ -521,9 +604,12 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
         pick = np.random.default_rng(cfg.seed).permutation(len(train_imgs))[: cfg.position_spread_images]
         spread = train_imgs[np.sort(pick)]
     stats = feature_stats | compute_map_stats(model, val_imgs, spread_images=spread)
+    if net_cfg.global_taps:
+        stats |= fit_global_term(model, train_imgs, val_imgs)
+    stats["good_score"] = good_score_summary(model, val_imgs)
     train_seconds = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
-    buf = _state_bytes(model.student.state_dict())
+    buf = _state_bytes(model.fitted_state())
     bundle_mod.atomic_write_bytes(out / bundle_mod.STUDENT_PT, buf)
     meta = {
         "format_version": bundle_mod.FORMAT_VERSION,
@@ -563,6 +649,44 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
     bundle_mod.write_meta(out, meta)
     if interrupted:
         raise KeyboardInterrupt
+    return meta
+
+
+def refit_global_term(bundle: Path, global_taps: list[int]) -> dict[str, Any]:
+    """Give a trained bundle the global term of ``global_taps`` ([]: none), exactly as ``train``
+    fits it: the term is fitted after training on the same split, so the student is untouched.
+    Rewrites student.pt and model.json (an exported graph no longer matches and is removed)."""
+    bundle = Path(bundle)
+    meta = bundle_mod.read_meta(bundle)
+    training = meta.get("training") or {}
+    cfg = TrainConfig(**(training.get("config") or {}))
+    cfg.global_taps = list(global_taps)
+    net_cfg = cfg.net_config()
+    old = load_bundle_model(bundle, teacher_weights=cfg.teacher_weights)
+    teacher, _ = build_teacher(cfg.teacher_weights or default_weights_path(), net_cfg.teacher_taps())
+    model = KDModel(teacher, net_cfg).eval()
+    model.student.load_state_dict(old.student.state_dict(), strict=True)
+    stats = {k: v for k, v in meta["map_stats"].items() if k not in ("score_stats", "global_term", "good_score")}
+    if net_cfg.distance == "l2":
+        model.set_feature_stats(stats["feature_mean"], stats["feature_std"])
+    model.set_scale_stats(stats["scale_mean"], stats["scale_std"], stats.get("pos_mean"), stats.get("pos_std"))
+    paths = good_training_images(Path(training["data"]))
+    if cfg.max_train_images:
+        paths = paths[: cfg.max_train_images]
+    train_paths, val_paths = split_holdout(paths, cfg.val_fraction, cfg.seed)
+    val_imgs = load_images(val_paths or train_paths, cfg.image_size)
+    if net_cfg.global_taps:
+        stats |= fit_global_term(model, load_images(train_paths, cfg.image_size), val_imgs)
+    stats["good_score"] = good_score_summary(model, val_imgs)
+    meta["net"] = net_cfg.to_json()
+    meta["map_stats"] = stats
+    meta["training"]["config"] = cfg.model_dump(mode="json")
+    meta["training"]["global_term_refitted_at"] = bundle_mod.utc_now()
+    onnx_path = bundle / bundle_mod.MODEL_ONNX
+    onnx_path.unlink(missing_ok=True)
+    meta["onnx"] = None
+    bundle_mod.atomic_write_bytes(bundle / bundle_mod.STUDENT_PT, _state_bytes(model.fitted_state()))
+    bundle_mod.write_meta(bundle, meta)
     return meta
 
 

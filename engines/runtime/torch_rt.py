@@ -62,11 +62,8 @@ class TorchRuntime(Runtime):
         m = self.model
         x = x_uint8_nhwc.permute(0, 3, 1, 2).float()
         with torch.autocast(self.dev.type, dtype=torch.float16, enabled=self.fp16 and self.dev.type == "cuda"):
-            t_feats, s_feats, _ = m.features(x)
-        t_feats = [t.float() for t in t_feats]
-        s_feats = [s.float() for s in s_feats]
-        amap = m.fuse(m.scale_maps(t_feats, s_feats))
-        return amap[:, 0], m.image_score(amap)
+            t_feats, s_feats, global_raw = m.run_networks(x)
+        return m.head([t.float() for t in t_feats], [s.float() for s in s_feats], [g.float() for g in global_raw])
 
     @torch.inference_mode()
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

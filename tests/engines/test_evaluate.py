@@ -121,10 +121,21 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         "crop_size": shipped.crop_size,
         "lr": shipped.lr,
         "position_spread_images": shipped.position_spread_images,
+        "global_taps": list(shipped.global_taps),
     }
     assert accuracy.is_default(row, shipped)
-    for key, other in [("variant", "plain"), ("epochs", 6), ("student", "forward"), ("hard_quantile", None)]:
+    for key, other in [
+        ("variant", "plain"),
+        ("epochs", 6),
+        ("student", "forward"),
+        ("hard_quantile", None),
+        ("global_taps", []),
+    ]:
         assert not accuracy.is_default({**row, key: other}, shipped), key
+    # a row from before the global term is a network without it
+    no_term = {k: v for k, v in row.items() if k != "global_taps"}
+    assert not accuracy.is_default(no_term, shipped)
+    assert accuracy.is_default(no_term, TrainConfig(global_taps=[]))
     old = {k: v for k, v in row.items() if k != "student"}  # a row from before the setting: forward
     assert not accuracy.is_default(old, shipped)
     assert accuracy.is_default(old, TrainConfig(student="forward"))

@@ -40,6 +40,22 @@ def test_quantize_writes_the_ir_and_records_it(quantized: Path):
     assert not list(quantized.glob(".*.tmp*")), "no temporary files left"
     # the IR really is int8: it holds quantisation nodes
     assert "FakeQuantize" in (quantized / info["xml"]).read_text()
+    # with the global term (the default) only the student is quantised: every teacher convolution
+    # reads its float weights straight from the constant, some student convolution through int8
+    assert meta["net"]["global_taps"] and "model.teacher" in info["scheme"]
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(quantized / info["xml"]).getroot()
+    layers = {lay.get("id"): lay for lay in root.iter("layer")}
+    conv_inputs = [
+        [layers[e.get("from-layer")] for e in root.iter("edge") if e.get("to-layer") == lay.get("id")]
+        for lay in layers.values()
+        if lay.get("type") == "Convolution"
+    ]
+    teacher = [ins for ins in conv_inputs if any(i.get("name").startswith("model.teacher.") for i in ins)]
+    quantised = [ins for ins in conv_inputs if any("fq_weights" in i.get("name") for i in ins)]
+    assert teacher and quantised
+    assert not any("fq_" in i.get("name") for ins in teacher for i in ins)
 
 
 def test_int8_runtime_separates_defects_like_f32(quantized: Path, synthetic_root: Path):
