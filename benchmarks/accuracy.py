@@ -16,13 +16,17 @@ Writes benchmarks/results/accuracy.json: one row per (dataset, network setting, 
 peer's numbers from the same run under "peer", "default": true on rows of the network that
 ``lineinspect train`` ships. A row replaces an older one only for the same dataset and setting.
 Data sets without masks for some defects are scored too; the pixel metrics say what they cover.
+Rows of a network with a global term also get "map_only" and "global_only": the image metrics of
+each half of its image score alone, from the same network and run.
 
 ``--fuse`` (an experiment, the issue's "memory-bank term fused into the map" lead; not a product
 path): rows also get "fused", the same metrics for our map and the peer's map each standardised
 with the mean / std of its map pixels on the held-out good images and averaged (image score: the
 fused map's maximum), scored on the same test images from the same run. ``--reuse`` skips training where the work folder
 already holds a completed bundle of exactly these settings (its row keeps that bundle's recorded
-training time), e.g. to fit the peer again with another ``--peer-coreset``.
+training time), e.g. to fit the peer again with another ``--peer-coreset``; a bundle that differs
+only in ``global_taps`` gets its global term (re)fitted first (``engines.train.refit_global_term``:
+the term is fitted after training, so the result is what ``train`` would have written).
 """
 
 from __future__ import annotations

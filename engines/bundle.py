@@ -3,7 +3,7 @@
 A bundle is a directory::
 
     model.json   metadata (this module)
-    student.pt   student state_dict (torch, weights_only)
+    student.pt   student state_dict + the global term's Gaussian (global_term.*; torch, weights_only)
     model.onnx   the whole inference graph (written by ``lineinspect export``)
 """
 
