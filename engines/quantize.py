@@ -112,26 +112,25 @@ def _int8_deviation(f32, int8, images: np.ndarray) -> dict[str, float]:
     }
 
 
-def nodes_under(onnx_path: Path, scope: str) -> list[str]:
-    """Names of the ONNX nodes the exporter recorded under module ``scope`` (``namespace`` metadata)."""
+def nodes_under(onnx_path: Path, scopes: tuple[str, ...]) -> list[str]:
+    """Names of the ONNX nodes the exporter recorded under any of the modules ``scopes`` (their
+    ``namespace`` metadata), from one read of the file."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     return [
         n.name
         for n in model.graph.node
-        if any(p.key == "namespace" and f"/{scope}:" in p.value for p in n.metadata_props)
+        if any(p.key == "namespace" and any(f"/{sc}:" in p.value for sc in scopes) for p in n.metadata_props)
     ]
 
 
-def float_scope_patterns(onnx_path: Path, meta: dict[str, Any], scopes: tuple[str, ...] = FLOAT_SCOPES) -> list[str]:
+def float_scope_patterns(onnx_path: Path, scopes: tuple[str, ...] = FLOAT_SCOPES) -> list[str]:
     """Patterns (OpenVINO names a node after its ONNX node, with suffixes such as ``/WithoutBiases``)
     for the nodes of the modules that stay in floating point in a bundle with a global term."""
-    if not (meta.get("net") or {}).get("global_taps"):
-        return []
     import re
 
-    return [f"^{re.escape(name)}(/.*)?$" for scope in scopes for name in nodes_under(onnx_path, scope)]
+    return [f"^{re.escape(name)}(/.*)?$" for name in nodes_under(onnx_path, scopes)]
 
 
 def quantize_bundle(bundle: Path, images_dir: Path | None = None, n_images: int = 300, seed: int = 0) -> Path:
@@ -167,7 +166,7 @@ def quantize_bundle(bundle: Path, images_dir: Path | None = None, n_images: int 
             # from f32 0.32 without them, 1.0 with them, on magnetic_tile) for no gain in speed.
             ignored_scope=nncf.IgnoredScope(
                 types=list(NOT_QUANTISED) + (list(GLOBAL_TERM_FLOAT_TYPES) if has_global else []),
-                patterns=float_scope_patterns(onnx_path, meta),
+                patterns=float_scope_patterns(onnx_path) if has_global else [],
                 validate=False,
             ),
         )

@@ -183,18 +183,24 @@ def to_tensor(batch_uint8: np.ndarray, device: torch.device) -> torch.Tensor:
 # Inference helpers (torch)
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def predict(model: KDModel, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Anomaly maps (N, H, W) and scores (N,) for uint8 RGB images (N, H, W, 3)."""
+def _in_batches(fn, model: KDModel, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``fn`` (float NCHW batch -> two tensors) over uint8 RGB images (N, H, W, 3) in batches, in
+    eval mode on the model's device: the two outputs concatenated as float32 arrays."""
     model.eval()
     device = next(model.student.parameters()).device
-    maps, scores = [], []
+    a, b = [], []
     for i in range(0, len(images), batch_size):
-        m, s = model(to_tensor(images[i : i + batch_size], device))
-        maps.append(m.float().cpu().numpy())
-        scores.append(s.float().cpu().numpy())
-    if not maps:
+        x, y = fn(to_tensor(images[i : i + batch_size], device))
+        a.append(x.float().cpu().numpy())
+        b.append(y.float().cpu().numpy())
+    return np.concatenate(a), np.concatenate(b)
+
+
+def predict(model: KDModel, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly maps (N, H, W) and scores (N,) for uint8 RGB images (N, H, W, 3)."""
+    if not len(images):
         return np.zeros((0, *images.shape[1:3]), np.float32), np.zeros(0, np.float32)
-    return np.concatenate(maps), np.concatenate(scores)
+    return _in_batches(model, model, images, batch_size)
 
 
 @torch.no_grad()
@@ -308,19 +314,12 @@ def fit_global_term(
         raise ValueError(msg)
     fit = fit_gaussian(global_descriptors(model, train_images, batch_size))
     model.global_term.set_gaussian(torch.from_numpy(fit.mean), torch.from_numpy(fit.whiten))
-    model.eval()
-    device = next(model.student.parameters()).device
-    map_scores, dists = [], []
-    for i in range(0, len(held_out), batch_size):
-        m, d = model.score_halves(to_tensor(held_out[i : i + batch_size], device))
-        map_scores.append(m.double().cpu())
-        dists.append(d.double().cpu())
-    ms, gd = torch.cat(map_scores), torch.cat(dists)
+    ms, gd = (h.astype(np.float64) for h in score_halves(model, held_out, batch_size))
     stats = {
         "map_mean": float(ms.mean()),
-        "map_std": float(ms.std()) if len(ms) > 1 else 1.0,
+        "map_std": float(ms.std(ddof=1)) if len(ms) > 1 else 1.0,
         "global_mean": float(gd.mean()),
-        "global_std": float(gd.std()) if len(gd) > 1 else 1.0,
+        "global_std": float(gd.std(ddof=1)) if len(gd) > 1 else 1.0,
     }
     model.set_score_stats(**stats)
     return {
@@ -335,17 +334,9 @@ def fit_global_term(
     }
 
 
-@torch.no_grad()
 def score_halves(model: KDModel, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """``KDModel.score_halves`` over uint8 RGB images (N, H, W, 3): map scores, global distances."""
-    model.eval()
-    device = next(model.student.parameters()).device
-    maps, dists = [], []
-    for i in range(0, len(images), batch_size):
-        m, d = model.score_halves(to_tensor(images[i : i + batch_size], device))
-        maps.append(m.float().cpu().numpy())
-        dists.append(d.float().cpu().numpy())
-    return np.concatenate(maps), np.concatenate(dists)
+    return _in_batches(model.score_halves, model, images, batch_size)
 
 
 def good_score_summary(model: KDModel, images: np.ndarray, batch_size: int = 16) -> dict[str, float]:
