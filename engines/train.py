@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines import bundle as bundle_mod
 from engines.data import DatasetError, good_training_images, load_images, split_holdout
-from engines.model import KDModel, NetConfig
+from engines.model import GLOBAL_PREFIX, KDModel, NetConfig
 from engines.teacher import DEFAULT_TAPS, INPUT_MEAN, INPUT_STD, build_teacher, default_weights_path, normalize_input
 
 log = logging.getLogger(__name__)
@@ -653,10 +653,13 @@ def refit_global_term(bundle: Path, global_taps: list[int]) -> dict[str, Any]:
     cfg = TrainConfig(**(training.get("config") or {}))
     cfg.global_taps = list(global_taps)
     net_cfg = cfg.net_config()
-    old = load_bundle_model(bundle, teacher_weights=cfg.teacher_weights)
-    teacher, _ = build_teacher(cfg.teacher_weights or default_weights_path(), net_cfg.teacher_taps())
+    teacher, sha = build_teacher(cfg.teacher_weights or default_weights_path(), net_cfg.teacher_taps())
+    if sha != meta["teacher"]["weights_sha256"]:
+        msg = f"teacher weights sha256 {sha[:12]}... differs from the one {bundle} was trained with"
+        raise bundle_mod.BundleError(msg)
     model = KDModel(teacher, net_cfg).eval()
-    model.student.load_state_dict(old.student.state_dict(), strict=True)
+    sd = torch.load(bundle / bundle_mod.STUDENT_PT, map_location="cpu", weights_only=True)
+    model.student.load_state_dict({k: v for k, v in sd.items() if not k.startswith(GLOBAL_PREFIX)}, strict=True)
     stats = {k: v for k, v in meta["map_stats"].items() if k not in ("score_stats", "global_term", "good_score")}
     if net_cfg.distance == "l2":
         model.set_feature_stats(stats["feature_mean"], stats["feature_std"])
