@@ -12,6 +12,19 @@ from edge_app.cli import main
 ROOT = Path(__file__).parents[2]
 
 
+def expect(child: pexpect.spawn, pattern) -> None:
+    """``child.expect`` that, when the wizard ends or stalls first, fails with what it printed and
+    how it ended (exit status or signal), not only pexpect's EOF."""
+    try:
+        child.expect(pattern)
+    except (pexpect.EOF, pexpect.TIMEOUT) as exc:
+        child.close(force=True)
+        pytest.fail(
+            f"waiting for {pattern!r}: {type(exc).__name__}; exit status {child.exitstatus}, "
+            f"signal {child.signalstatus}; output so far:\n{child.before}"
+        )
+
+
 @pytest.fixture(scope="module")
 def good_parts(tmp_path_factory) -> Path:
     from engines.synthetic import make_dataset
@@ -106,18 +119,18 @@ def test_interactive_wizard_in_a_terminal(tmp_path, exported_bundle, good_parts)
         encoding="utf-8",
         timeout=300,  # per prompt: scoring the parts took over 120 s beside a benchmark on 2 cores
     )
-    child.expect("good parts: a folder of images")
+    expect(child, "good parts: a folder of images")
     child.sendline(str(good_parts / "train" / "good"))
-    child.expect("target false-reject rate alpha")
+    expect(child, "target false-reject rate alpha")
     child.sendline("0.02")
-    child.expect("good parts: \\[")  # the live progress bar
-    child.expect("folder of defect images")
+    expect(child, "good parts: \\[")  # the live progress bar
+    expect(child, "folder of defect images")
     child.sendline("")
-    child.expect("proposed image threshold")
-    child.expect("accept and write the calibration")
+    expect(child, "proposed image threshold")
+    expect(child, "accept and write the calibration")
     child.sendline("y")
-    child.expect("written to")
-    child.expect(pexpect.EOF)
+    expect(child, "written to")
+    expect(child, pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
     cal = yaml.safe_load(out.read_text())
@@ -145,12 +158,12 @@ def test_interactive_wizard_can_decline(tmp_path, exported_bundle, good_parts):
         encoding="utf-8",
         timeout=300,  # per prompt: scoring the parts took over 120 s beside a benchmark on 2 cores
     )
-    child.expect("folder of defect images")
+    expect(child, "folder of defect images")
     child.sendline("")
-    child.expect("accept and write the calibration")
+    expect(child, "accept and write the calibration")
     child.sendline("n")
-    child.expect("not written")
-    child.expect(pexpect.EOF)
+    expect(child, "not written")
+    expect(child, pexpect.EOF)
     child.close()
     assert child.exitstatus == 1 and not out.exists()
 
