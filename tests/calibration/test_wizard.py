@@ -1,28 +1,65 @@
 """The calibration wizard, by flags and through its prompts in a real pseudo-terminal."""
 
+import os
+import pty
+import subprocess
 import sys
 from pathlib import Path
 
 import pexpect
 import pytest
 import yaml
+from pexpect import fdpexpect
 
 from edge_app.cli import main
 
 ROOT = Path(__file__).parents[2]
 
 
-def expect(child: pexpect.spawn, pattern) -> None:
-    """``child.expect`` that, when the wizard ends or stalls first, fails with what it printed and
-    how it ended (exit status or signal), not only pexpect's EOF."""
-    try:
-        child.expect(pattern)
-    except (pexpect.EOF, pexpect.TIMEOUT) as exc:
-        child.close(force=True)
-        pytest.fail(
-            f"waiting for {pattern!r}: {type(exc).__name__}; exit status {child.exitstatus}, "
-            f"signal {child.signalstatus}; output so far:\n{child.before}"
+class Terminal:
+    """``lineinspect calibrate`` on a real pseudo-terminal, driven with pexpect.
+
+    The child is started by ``subprocess`` (vfork / exec) on a pty opened here rather than by
+    ``pexpect.spawn``, which forks this test process: after the engines tests the process holds
+    torch / OpenVINO / OpenMP thread pools, and a child forked from it died of SIGSEGV before it
+    could exec (seen in /work/main's engines-then-calibration sequence).
+    """
+
+    def __init__(self, args: list[str]):
+        master, slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_app.cli", "calibrate", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=ROOT,
+            start_new_session=True,
         )
+        os.close(slave)
+        # per prompt: scoring the parts took over 120 s beside a benchmark on 2 cores
+        self.child = fdpexpect.fdspawn(master, encoding="utf-8", timeout=300)
+
+    def expect(self, pattern) -> None:
+        """Wait for ``pattern``; when the wizard ends or stalls first, fail with what it printed and
+        how it ended (exit status, or the signal as a negative number)."""
+        try:
+            self.child.expect(pattern)
+        except (pexpect.EOF, pexpect.TIMEOUT) as exc:
+            self.proc.kill()
+            pytest.fail(
+                f"waiting for {pattern!r}: {type(exc).__name__}; exit status {self.proc.wait()}; "
+                f"output so far:\n{self.child.before}"
+            )
+
+    def sendline(self, text: str) -> None:
+        self.child.sendline(text)
+
+    def exit_status(self) -> int:
+        """After the wizard's last line: wait for its end (EOF on the terminal), its exit status."""
+        self.expect(pexpect.EOF)
+        rc = self.proc.wait(timeout=60)
+        self.child.close()
+        return rc
 
 
 @pytest.fixture(scope="module")
@@ -112,60 +149,38 @@ def test_calibrate_refuses_too_few_parts(tmp_path, exported_bundle, synthetic_ro
 
 def test_interactive_wizard_in_a_terminal(tmp_path, exported_bundle, good_parts):
     out = tmp_path / "cal.yaml"
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "edge_app.cli", "calibrate", "--bundle", str(exported_bundle), "--out", str(out)],
-        cwd=str(ROOT),
-        encoding="utf-8",
-        timeout=300,  # per prompt: scoring the parts took over 120 s beside a benchmark on 2 cores
-    )
-    expect(child, "good parts: a folder of images")
+    child = Terminal(["--bundle", str(exported_bundle), "--out", str(out)])
+    child.expect("good parts: a folder of images")
     child.sendline(str(good_parts / "train" / "good"))
-    expect(child, "target false-reject rate alpha")
+    child.expect("target false-reject rate alpha")
     child.sendline("0.02")
-    expect(child, "good parts: \\[")  # the live progress bar
-    expect(child, "folder of defect images")
+    child.expect("good parts: \\[")  # the live progress bar
+    child.expect("folder of defect images")
     child.sendline("")
-    expect(child, "proposed image threshold")
-    expect(child, "accept and write the calibration")
+    child.expect("proposed image threshold")
+    child.expect("accept and write the calibration")
     child.sendline("y")
-    expect(child, "written to")
-    expect(child, pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    child.expect("written to")
+    assert child.exit_status() == 0
     cal = yaml.safe_load(out.read_text())
     assert cal["expected_false_reject_rate"]["target"] == 0.02
 
 
 def test_interactive_wizard_can_decline(tmp_path, exported_bundle, good_parts):
     out = tmp_path / "cal.yaml"
-    child = pexpect.spawn(
-        sys.executable,
+    child = Terminal(
         [
-            "-m",
-            "edge_app.cli",
-            "calibrate",
-            "--bundle",
-            str(exported_bundle),
-            "--good",
-            str(good_parts / "train" / "good"),
-            "--alpha",
-            "0.05",
-            "--out",
-            str(out),
-        ],
-        cwd=str(ROOT),
-        encoding="utf-8",
-        timeout=300,  # per prompt: scoring the parts took over 120 s beside a benchmark on 2 cores
+            *("--bundle", str(exported_bundle), "--good", str(good_parts / "train" / "good")),
+            *("--alpha", "0.05", "--out", str(out)),
+        ]
     )
-    expect(child, "folder of defect images")
+    child.expect("folder of defect images")
     child.sendline("")
-    expect(child, "accept and write the calibration")
+    child.expect("accept and write the calibration")
     child.sendline("n")
-    expect(child, "not written")
-    expect(child, pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 1 and not out.exists()
+    child.expect("not written")
+    assert child.exit_status() == 1
+    assert not out.exists()
 
 
 def test_drift_command(tmp_path, exported_bundle, good_parts, capsys):
