@@ -353,32 +353,43 @@ def good_score_summary(model: KDModel, images: np.ndarray, batch_size: int = 16)
     }
 
 
-def load_bundle_model(bundle: Path, device: str = "cpu", teacher_weights: Path | None = None) -> KDModel:
-    """Rebuild the torch model from a bundle (student.pt + model.json + the teacher weights)."""
-    bundle = Path(bundle)
-    meta = bundle_mod.read_meta(bundle)
-    cfg = NetConfig.from_json(meta["net"])
+def bundle_teacher(meta: dict, taps: tuple[int, ...], teacher_weights: Path | None = None):
+    """The frozen teacher a bundle was trained with, tapping ``taps``: ``teacher_weights``, else the
+    file model.json names, else the installed default; refused when its sha256 is not the bundle's."""
     weights = teacher_weights or (
         Path(meta["teacher"]["weights_file"]) if meta["teacher"].get("weights_file") else None
     )
-    teacher, sha = build_teacher(weights, cfg.teacher_taps())
+    teacher, sha = build_teacher(weights, taps)
     if sha != meta["teacher"]["weights_sha256"]:
         msg = (
             f"teacher weights sha256 {sha[:12]}... differs from the one this bundle was trained with "
             f"({meta['teacher']['weights_sha256'][:12]}...); pass the original weights file"
         )
         raise bundle_mod.BundleError(msg)
-    model = KDModel(teacher, cfg)
-    pt = bundle / bundle_mod.STUDENT_PT
+    return teacher
+
+
+def load_student_pt(bundle: Path, into) -> None:
+    """Read the bundle's student.pt and hand its state dict to ``into`` (a loader that raises on a
+    mismatch); a missing or unloadable file is a BundleError naming it."""
+    pt = Path(bundle) / bundle_mod.STUDENT_PT
     if not pt.is_file():
         msg = f"{pt} is missing from the bundle"
         raise bundle_mod.BundleError(msg)
     try:
-        sd = torch.load(pt, map_location="cpu", weights_only=True)
-        model.load_fitted_state(sd)
+        into(torch.load(pt, map_location="cpu", weights_only=True))
     except Exception as exc:
         msg = f"{pt} could not be loaded as this bundle's student weights: {exc}"
         raise bundle_mod.BundleError(msg) from exc
+
+
+def load_bundle_model(bundle: Path, device: str = "cpu", teacher_weights: Path | None = None) -> KDModel:
+    """Rebuild the torch model from a bundle (student.pt + model.json + the teacher weights)."""
+    bundle = Path(bundle)
+    meta = bundle_mod.read_meta(bundle)
+    cfg = NetConfig.from_json(meta["net"])
+    model = KDModel(bundle_teacher(meta, cfg.teacher_taps(), teacher_weights), cfg)
+    load_student_pt(bundle, model.load_fitted_state)
     stats = meta["map_stats"]
     if cfg.distance == "l2":
         if "feature_mean" not in stats or "feature_std" not in stats:
@@ -653,13 +664,14 @@ def refit_global_term(bundle: Path, global_taps: list[int]) -> dict[str, Any]:
     cfg = TrainConfig(**(training.get("config") or {}))
     cfg.global_taps = list(global_taps)
     net_cfg = cfg.net_config()
-    teacher, sha = build_teacher(cfg.teacher_weights or default_weights_path(), net_cfg.teacher_taps())
-    if sha != meta["teacher"]["weights_sha256"]:
-        msg = f"teacher weights sha256 {sha[:12]}... differs from the one {bundle} was trained with"
-        raise bundle_mod.BundleError(msg)
-    model = KDModel(teacher, net_cfg).eval()
-    sd = torch.load(bundle / bundle_mod.STUDENT_PT, map_location="cpu", weights_only=True)
-    model.student.load_state_dict({k: v for k, v in sd.items() if not k.startswith(GLOBAL_PREFIX)}, strict=True)
+    model = KDModel(bundle_teacher(meta, net_cfg.teacher_taps(), cfg.teacher_weights), net_cfg).eval()
+    # the student only: the old term's Gaussian (if any) is what this replaces
+    load_student_pt(
+        bundle,
+        lambda sd: model.student.load_state_dict(
+            {k: v for k, v in sd.items() if not k.startswith(GLOBAL_PREFIX)}, strict=True
+        ),
+    )
     stats = {k: v for k, v in meta["map_stats"].items() if k not in ("score_stats", "global_term", "good_score")}
     if net_cfg.distance == "l2":
         model.set_feature_stats(stats["feature_mean"], stats["feature_std"])

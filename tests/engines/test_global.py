@@ -140,3 +140,29 @@ def test_refitting_the_term_onto_a_bundle_equals_training_with_it(tmp_path: Path
     m_back, s_back = predict(load_bundle_model(tmp_path / "without"), imgs)
     np.testing.assert_allclose(s_back, s_without, atol=1e-5)
     np.testing.assert_allclose(m_back, m_without, atol=1e-5)
+
+
+@pytest.mark.parametrize("fault", ["truncated", "missing", "other_teacher"])
+def test_refitting_refuses_a_broken_bundle_and_leaves_it(tmp_path: Path, trained_bundle: Path, fault: str):
+    """refit_global_term reads the bundle through the same checks as load_bundle_model: a
+    half-written or missing student.pt, or a bundle of another teacher, is a BundleError naming
+    it, and nothing in the bundle is rewritten."""
+    bad = tmp_path / "bad"
+    shutil.copytree(trained_bundle, bad)
+    pt = bad / "student.pt"
+    if fault == "truncated":
+        pt.write_bytes(pt.read_bytes()[:1000])
+        match = "student.pt could not be loaded"
+    elif fault == "missing":
+        pt.unlink()
+        match = "student.pt is missing"
+    else:
+        meta = json.loads((bad / "model.json").read_text())
+        meta["teacher"]["weights_sha256"] = "0" * 64
+        (bad / "model.json").write_text(json.dumps(meta))
+        match = "teacher weights sha256"
+    before = {p.name: p.read_bytes() for p in bad.iterdir() if p.is_file()}
+    for load in (lambda: load_bundle_model(bad), lambda: refit_global_term(bad, [])):
+        with pytest.raises(bundle_mod.BundleError, match=match):
+            load()
+    assert {p.name: p.read_bytes() for p in bad.iterdir() if p.is_file()} == before
