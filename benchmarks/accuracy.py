@@ -67,11 +67,13 @@ NET_KEYS = (
     "position_spread_images",
     "student",
     "global_taps",
+    "reverse_width",
 )
 OLD_DEFAULTS = {
     "global_taps": [],  # rows from before the global term: the map's score alone
     "student": "forward",  # rows from before the reverse student existed
     "student_expand": 6,
+    "reverse_width": 192,  # rows from before the width was a benchmark option
     "distance": "cosine",
     "hard_quantile": None,
     "crop_size": None,
@@ -91,6 +93,7 @@ OPTIONS = (
     "epochs",
     "position_spread_images",
     "global_taps",
+    "reverse_width",
 )
 
 
@@ -143,6 +146,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="training seed (split, initialisation, batch order)")
     ap.add_argument("--student", choices=["forward", "reverse"], help="student shape (default: the model's)")
     ap.add_argument("--student-expand", type=int, help="student MBConv expansion ratio (default: the model's)")
+    ap.add_argument("--reverse-width", type=int, help="reverse student's bottleneck width (default: the model's)")
     ap.add_argument("--distance", choices=["cosine", "l2"], help="per-scale discrepancy (default: the model's)")
     ap.add_argument("--hard-quantile", type=float, help="hard-feature mining quantile (default: the model's)")
     ap.add_argument("--no-hard-quantile", action="store_true", help="train without hard-feature mining")
@@ -195,6 +199,7 @@ def main() -> int:
             train_paths, held_out = split_holdout(good_training_images(data), cfg.val_fraction, cfg.seed)
             hq = f"-hq{cfg.hard_quantile:g}" if cfg.hard_quantile is not None else ""
             rev = "-rd" if cfg.student == "reverse" else ""
+            rev += f"-w{cfg.reverse_width}" if rev and cfg.reverse_width != 192 else ""  # older tags: 192
             tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}-s{cfg.seed}"
             bundle = args.work / tag
             train_s = _reused_seconds(bundle, cfg) if args.reuse else None
@@ -232,6 +237,7 @@ def main() -> int:
                 "taps": list(cfg.taps),
                 "student": cfg.student,
                 "student_expand": cfg.student_expand,
+                "reverse_width": cfg.reverse_width,
                 "distance": cfg.distance,
                 "hard_quantile": cfg.hard_quantile,
                 "global_taps": list(cfg.global_taps),

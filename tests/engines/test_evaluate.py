@@ -130,6 +130,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         ("student", "forward"),
         ("hard_quantile", None),
         ("global_taps", []),
+        ("reverse_width", 96),
     ]:
         assert not accuracy.is_default({**row, key: other}, shipped), key
     # a row from before the global term is a network without it
