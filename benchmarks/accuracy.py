@@ -199,7 +199,8 @@ def main() -> int:
             train_paths, held_out = split_holdout(good_training_images(data), cfg.val_fraction, cfg.seed)
             hq = f"-hq{cfg.hard_quantile:g}" if cfg.hard_quantile is not None else ""
             rev = "-rd" if cfg.student == "reverse" else ""
-            rev += f"-w{cfg.reverse_width}" if rev and cfg.reverse_width != 192 else ""  # older tags: 192
+            if rev and cfg.reverse_width != OLD_DEFAULTS["reverse_width"]:  # tags from before the option: 192 wide
+                rev += f"-w{cfg.reverse_width}"
             tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}-s{cfg.seed}"
             bundle = args.work / tag
             train_s = _reused_seconds(bundle, cfg) if args.reuse else None
