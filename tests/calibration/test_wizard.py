@@ -1,7 +1,9 @@
 """The calibration wizard, by flags and through its prompts in a real pseudo-terminal."""
 
+import contextlib
 import os
 import pty
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +62,29 @@ class Terminal:
         rc = self.proc.wait(timeout=60)
         self.child.close()
         return rc
+
+    def close(self) -> None:
+        """Kill the wizard's process group if it still runs (a test failed before its end), close the pty."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=60)
+        if not self.child.closed:
+            self.child.close()
+
+
+@pytest.fixture
+def terminal():
+    """Start ``Terminal``s; each is killed and closed at teardown, whether the test passed or not."""
+    started: list[Terminal] = []
+
+    def start(args: list[str]) -> Terminal:
+        started.append(Terminal(args))
+        return started[-1]
+
+    yield start
+    for t in started:
+        t.close()
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +172,9 @@ def test_calibrate_refuses_too_few_parts(tmp_path, exported_bundle, synthetic_ro
     assert not (tmp_path / "c.yaml").exists()
 
 
-def test_interactive_wizard_in_a_terminal(tmp_path, exported_bundle, good_parts):
+def test_interactive_wizard_in_a_terminal(tmp_path, exported_bundle, good_parts, terminal):
     out = tmp_path / "cal.yaml"
-    child = Terminal(["--bundle", str(exported_bundle), "--out", str(out)])
+    child = terminal(["--bundle", str(exported_bundle), "--out", str(out)])
     child.expect("good parts: a folder of images")
     child.sendline(str(good_parts / "train" / "good"))
     child.expect("target false-reject rate alpha")
@@ -166,9 +191,9 @@ def test_interactive_wizard_in_a_terminal(tmp_path, exported_bundle, good_parts)
     assert cal["expected_false_reject_rate"]["target"] == 0.02
 
 
-def test_interactive_wizard_can_decline(tmp_path, exported_bundle, good_parts):
+def test_interactive_wizard_can_decline(tmp_path, exported_bundle, good_parts, terminal):
     out = tmp_path / "cal.yaml"
-    child = Terminal(
+    child = terminal(
         [
             *("--bundle", str(exported_bundle), "--good", str(good_parts / "train" / "good")),
             *("--alpha", "0.05", "--out", str(out)),

@@ -187,3 +187,35 @@ def test_accuracy_reuses_only_a_completed_bundle_of_the_same_settings(tmp_path):
     assert accuracy._reused_seconds(tmp_path, cfg) is None
     (tmp_path / "model.json").write_text("{not json")
     assert accuracy._reused_seconds(tmp_path, cfg) is None
+
+
+def test_bank_latency_graph_fuses_a_nearest_neighbour_map_by_hand(trained_bundle):
+    """bank_latency.py's fused graph, on a bank of exactly one image's patches: that image's
+    nearest distances are 0, so its fused map is (ours + (0 - 1) / 0.5) / 2 = ours / 2 - 1 and its
+    score the larger of that map's maximum and the shipped score; a far-off bank raises the map."""
+    from bank_latency import FusedBankGraph
+    from patchcore import local_patches
+
+    from engines.teacher import normalize_input
+    from engines.train import load_bundle_model, predict
+
+    model = load_bundle_model(trained_bundle)
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
+    ours, shipped = predict(model, image)
+    graph = FusedBankGraph(model, bank_rows=4).eval()
+    with torch.no_grad():
+        x = torch.from_numpy(image).permute(0, 3, 1, 2).float()
+        raw = model.teacher(normalize_input(x))
+        bank = local_patches([raw[i] for i in graph.idx])[0].flatten(1).T.contiguous()
+        graph.bank_t = bank.T.contiguous()
+        graph.bank_sq = (bank * bank).sum(1)
+        fused, score = graph(torch.from_numpy(image))
+    # a patch's squared distance to itself is a small difference of large float32 sums, whose
+    # square root is up to ~0.1 (against the 20 that the far bank below adds)
+    np.testing.assert_allclose(fused.numpy(), ours / 2 - 1, atol=0.1)
+    assert float(score) == pytest.approx(max(float(fused.max()), float(shipped[0])), abs=1e-5)
+    with torch.no_grad():
+        graph.bank_sq = graph.bank_sq + 400.0  # every bank row 20 further away: the map rises
+        far, _ = graph(torch.from_numpy(image))
+    assert float((far - fused).min()) > 15.0  # sqrt(d2 + 400) - sqrt(d2) ~ 20, over 0.5, halved
