@@ -71,6 +71,10 @@ class NetConfig:
     # the held-out good parts. The term sees what a map maximum cannot: a part whose texture or
     # brightness is off as a whole (magnetic_tile's "uneven"); README, "Accuracy".
     global_taps: tuple[int, ...] = ()
+    # ... and per tap also the channel means over each cell of a global_grid x global_grid grid of
+    # the image (adaptive-pooling cells), so the term sees a region that is off, not only the whole
+    # part; 0 for none, as in bundles from before it
+    global_grid: int = 0
 
     def teacher_taps(self) -> tuple[int, ...]:
         """The teacher blocks the network reads: the distillation taps and the global term's."""
@@ -120,6 +124,10 @@ class NetConfig:
             last = len(LITE0_BLOCKS) - 1
             msg = f"global_taps must be distinct teacher blocks in 0..{last}, got {list(self.global_taps)}"
             raise ValueError(msg)
+        smallest = self.image_size // max(tap_strides(self.global_taps), default=1)
+        if not 0 <= self.global_grid <= smallest:
+            msg = f"global_grid must be within 0..{smallest} (the global taps' feature size), got {self.global_grid}"
+            raise ValueError(msg)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -139,6 +147,7 @@ class NetConfig:
         d.setdefault("student", "forward")  # ... and before student existed, it was the teacher's topology
         d.setdefault("reverse_width", 192)
         d["global_taps"] = tuple(d.get("global_taps", ()))  # ... and before the global term, none
+        d.setdefault("global_grid", 0)  # ... and before its grid, the whole image's statistics only
         return cls(**d)
 
 
@@ -334,31 +343,62 @@ def pooled_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 GLOBAL_PREFIX = "global_term."
 
 
+def grid_matrix(h: int, w: int, g: int) -> torch.Tensor:
+    """(h * w, g * g) weights that average an (h, w) map over each cell of a g x g grid, cells in
+    row-major order: the cells of ``F.adaptive_avg_pool2d`` (rows floor(i h / g) .. ceil((i + 1) h / g)),
+    as one matrix product (no pooling operator in the exported graph)."""
+
+    def cells(n: int) -> torch.Tensor:
+        m = torch.zeros(g, n)
+        for i in range(g):
+            lo, hi = (i * n) // g, -((-(i + 1) * n) // g)
+            m[i, lo:hi] = 1.0 / (hi - lo)
+        return m
+
+    return torch.einsum("ay,bx->yxab", cells(h), cells(w)).reshape(h * w, g * g)
+
+
 class GlobalTerm(nn.Module):
     """Image-level term: Mahalanobis distance of a part's pooled teacher features (per tap, the
-    per-channel mean and spread over the image) to the Gaussian of the good training parts.
+    per-channel mean and spread over the image and, with ``grid``, the per-channel mean over each
+    cell of a grid x grid grid of the image) to the Gaussian of the good training parts.
 
     The whitening matrix is kept as one block of rows per tap and statistic, so the graph is
     matrix products and sums (no concatenation or slicing): ``||sum_b (x_b - mean_b) @ W_b||``.
     """
 
-    def __init__(self, channels: list[int]):
+    def __init__(self, channels: list[int], grid: int = 0):
         super().__init__()
         self.channels = list(channels)
-        dim = 2 * sum(self.channels)
+        self.grid = grid
+        self._grid_at: dict[tuple, torch.Tensor] = {}
         for i, c in enumerate(self.channels):
-            for stat in ("mean", "std"):
-                self.register_buffer(f"center_{stat}_{i}", torch.zeros(c))
-                self.register_buffer(f"whiten_{stat}_{i}", torch.zeros(c, dim))
+            for stat, n in self._blocks(c):
+                self.register_buffer(f"center_{stat}_{i}", torch.zeros(n))
+                self.register_buffer(f"whiten_{stat}_{i}", torch.zeros(n, self.dim))
+
+    def _blocks(self, c: int) -> list[tuple[str, int]]:
+        """(statistic, length) of one tap's blocks of the descriptor, in order."""
+        return [("mean", c), ("std", c)] + ([("grid", c * self.grid * self.grid)] if self.grid else [])
 
     @property
     def dim(self) -> int:
-        return 2 * sum(self.channels)
+        return (2 + self.grid * self.grid) * sum(self.channels)
 
-    @staticmethod
-    def descriptor(feats: list[torch.Tensor]) -> torch.Tensor:
-        """(N, D): per tap its pooled means, then its pooled spreads (the order of the blocks)."""
-        return torch.cat([x for f in feats for x in pooled_stats(f)], dim=1)
+    def _stats(self, f: torch.Tensor) -> list[torch.Tensor]:
+        """One tap's statistics, (N, length) each in ``_blocks`` order; a grid's per channel, cells row-major."""
+        out = list(pooled_stats(f))
+        if self.grid:
+            n, c, h, w = f.shape
+            key = (h, w, f.device, f.dtype)
+            if key not in self._grid_at:  # a constant of the exported graph
+                self._grid_at[key] = grid_matrix(h, w, self.grid).to(f.device, f.dtype)
+            out.append((f.reshape(n, c, h * w) @ self._grid_at[key]).reshape(n, c * self.grid * self.grid))
+        return out
+
+    def descriptor(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """(N, D): per tap its pooled means, then its pooled spreads, then its grid means (the order of the blocks)."""
+        return torch.cat([x for f in feats for x in self._stats(f)], dim=1)
 
     def set_gaussian(self, mean: torch.Tensor | list, whiten: torch.Tensor | list) -> None:
         """Centre (D,) and whitening (D, D) in ``descriptor``'s order."""
@@ -372,15 +412,15 @@ class GlobalTerm(nn.Module):
             raise ValueError(msg)
         at = 0
         for i, c in enumerate(self.channels):
-            for stat in ("mean", "std"):
-                getattr(self, f"center_{stat}_{i}").copy_(mean[at : at + c])
-                getattr(self, f"whiten_{stat}_{i}").copy_(whiten[at : at + c])
-                at += c
+            for stat, n in self._blocks(c):
+                getattr(self, f"center_{stat}_{i}").copy_(mean[at : at + n])
+                getattr(self, f"whiten_{stat}_{i}").copy_(whiten[at : at + n])
+                at += n
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         y = 0
         for i, f in enumerate(feats):
-            for stat, x in zip(("mean", "std"), pooled_stats(f), strict=True):
+            for (stat, _), x in zip(self._blocks(self.channels[i]), self._stats(f), strict=True):
                 y = y + (x - getattr(self, f"center_{stat}_{i}")) @ getattr(self, f"whiten_{stat}_{i}")
         return (y * y).sum(dim=1).sqrt()
 
@@ -400,7 +440,7 @@ class KDModel(nn.Module):
         self.teacher = teacher
         self._kd_at = [cfg.teacher_taps().index(t) for t in cfg.taps]
         self._global_at = [cfg.teacher_taps().index(t) for t in cfg.global_taps]
-        self.global_term = GlobalTerm(tap_channels(cfg.global_taps)) if cfg.global_taps else None
+        self.global_term = GlobalTerm(tap_channels(cfg.global_taps), cfg.global_grid) if cfg.global_taps else None
         # mean / std on the held-out good parts of the map's image score and of the global term's
         # distance: the image score is the larger of the two standardised (with a global term)
         self.register_buffer("score_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))

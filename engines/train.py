@@ -91,10 +91,16 @@ class TrainConfig(BaseModel):
     )
     scale_weights: list[float] | None = Field(None, description="per-tap weights in the fused map (None: equal)")
     global_taps: list[int] = Field(
-        default_factory=lambda: [9, 10],
+        default_factory=lambda: [10],
         description="teacher blocks whose features, pooled over the image, feed the image-level Gaussian term "
         "(fitted on the training parts; the image score is then the larger of the map's and the term's, each "
         "standardised on the held-out parts); [] for the map's score alone, as before",
+    )
+    global_grid: int = Field(
+        3,
+        ge=0,
+        description="the global term also pools each tap's channel means over the cells of an N x N grid of the "
+        "image (a region that is off, not only the whole part); 0: the whole image's mean and spread only, as before",
     )
     blur_sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the fused map, input pixels")
     fuse_stride: Literal[1, 2, 4] = Field(4, description="fuse and smooth the maps at 1/N of the input size")
@@ -125,6 +131,7 @@ class TrainConfig(BaseModel):
             topk_fraction=self.topk_fraction,
             scale_weights=weights,
             global_taps=tuple(self.global_taps),
+            global_grid=self.global_grid if self.global_taps else 0,
         )
         cfg.validate()
         return cfg
@@ -290,13 +297,11 @@ def compute_map_stats(
 @torch.no_grad()
 def global_descriptors(model: KDModel, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """(N, D) pooled teacher features of the global term's taps (``GlobalTerm.descriptor``), float64."""
-    from engines.model import GlobalTerm
-
     device = next(model.student.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
         raw = model.teacher(normalize_input(to_tensor(images[i : i + batch_size], device)))
-        out.append(GlobalTerm.descriptor(model.split_taps(raw)[1]).double().cpu().numpy())
+        out.append(model.global_term.descriptor(model.split_taps(raw)[1]).double().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -654,15 +659,18 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
     return meta
 
 
-def refit_global_term(bundle: Path, global_taps: list[int]) -> dict[str, Any]:
-    """Give a trained bundle the global term of ``global_taps`` ([]: none), exactly as ``train``
-    fits it: the term is fitted after training on the same split, so the student is untouched.
-    Rewrites student.pt and model.json (an exported graph no longer matches and is removed)."""
+def refit_global_term(bundle: Path, global_taps: list[int], global_grid: int | None = None) -> dict[str, Any]:
+    """Give a trained bundle the global term of ``global_taps`` ([]: none) and ``global_grid``
+    (None: TrainConfig's default), exactly as ``train`` fits it: the term is fitted after training
+    on the same split, so the student is untouched. Rewrites student.pt and model.json (an exported
+    graph no longer matches and is removed)."""
     bundle = Path(bundle)
     meta = bundle_mod.read_meta(bundle)
     training = meta.get("training") or {}
     cfg = TrainConfig(**(training.get("config") or {}))
     cfg.global_taps = list(global_taps)
+    if global_grid is not None:
+        cfg.global_grid = global_grid
     net_cfg = cfg.net_config()
     model = KDModel(bundle_teacher(meta, net_cfg.teacher_taps(), cfg.teacher_weights), net_cfg).eval()
     # the student only: the old term's Gaussian (if any) is what this replaces

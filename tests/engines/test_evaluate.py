@@ -122,6 +122,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         "lr": shipped.lr,
         "position_spread_images": shipped.position_spread_images,
         "global_taps": list(shipped.global_taps),
+        "global_grid": shipped.global_grid,
     }
     assert accuracy.is_default(row, shipped)
     for key, other in [
@@ -131,12 +132,17 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         ("hard_quantile", None),
         ("global_taps", []),
         ("reverse_width", 96),
+        ("global_grid", 0),
     ]:
         assert not accuracy.is_default({**row, key: other}, shipped), key
     # a row from before the global term is a network without it
-    no_term = {k: v for k, v in row.items() if k != "global_taps"}
+    no_term = {k: v for k, v in row.items() if k not in ("global_taps", "global_grid")}
     assert not accuracy.is_default(no_term, shipped)
-    assert accuracy.is_default(no_term, TrainConfig(global_taps=[]))
+    assert accuracy.is_default(no_term, TrainConfig(global_taps=[]))  # whatever its grid setting says
+    # ... and a row from before the term's grid, a term of the image's statistics alone
+    no_grid = {k: v for k, v in row.items() if k != "global_grid"}
+    assert not accuracy.is_default(no_grid, shipped)
+    assert accuracy.is_default(no_grid, TrainConfig(global_grid=0))
     old = {k: v for k, v in row.items() if k != "student"}  # a row from before the setting: forward
     assert not accuracy.is_default(old, shipped)
     assert accuracy.is_default(old, TrainConfig(student="forward"))
