@@ -25,7 +25,7 @@ with the mean / std of its map pixels on the held-out good images and averaged (
 fused map's maximum), scored on the same test images from the same run. ``--reuse`` skips training where the work folder
 already holds a completed bundle of exactly these settings (its row keeps that bundle's recorded
 training time), e.g. to fit the peer again with another ``--peer-coreset``; a bundle that differs
-only in ``global_taps`` gets its global term (re)fitted first (``engines.train.refit_global_term``:
+only in ``global_taps`` / ``global_grid`` gets its global term (re)fitted first (``engines.train.refit_global_term``:
 the term is fitted after training, so the result is what ``train`` would have written).
 """
 
@@ -68,12 +68,14 @@ NET_KEYS = (
     "student",
     "global_taps",
     "reverse_width",
+    "global_grid",
 )
 OLD_DEFAULTS = {
     "global_taps": [],  # rows from before the global term: the map's score alone
     "student": "forward",  # rows from before the reverse student existed
     "student_expand": 6,
     "reverse_width": 192,  # rows from before the width was a benchmark option
+    "global_grid": 0,  # rows from before the global term's grid: the whole image's statistics
     "distance": "cosine",
     "hard_quantile": None,
     "crop_size": None,
@@ -94,6 +96,7 @@ OPTIONS = (
     "position_spread_images",
     "global_taps",
     "reverse_width",
+    "global_grid",
 )
 
 
@@ -109,8 +112,15 @@ def is_default(row: dict, shipped: TrainConfig) -> bool:
     return (
         row["variant"] == "full"
         and row.get("image_size", 256) == shipped.image_size
-        and all(json.dumps(row.get(k, OLD_DEFAULTS.get(k))) == json.dumps(getattr(shipped, k)) for k in NET_KEYS)
+        and all(json.dumps(row.get(k, OLD_DEFAULTS.get(k))) == json.dumps(setting(shipped, k)) for k in NET_KEYS)
     )
+
+
+def setting(cfg: TrainConfig, key: str):
+    """A TrainConfig setting as a row records it (a network without a global term has no grid)."""
+    if key == "global_grid" and not cfg.global_taps:
+        return 0
+    return getattr(cfg, key)
 
 
 def _r(v: float | None) -> float | None:
@@ -162,6 +172,11 @@ def main() -> int:
         type=int,
         nargs="*",
         help="teacher blocks of the image-level Gaussian term (none given: no term; default: the model's)",
+    )
+    ap.add_argument(
+        "--global-grid",
+        type=int,
+        help="cells per side of the global term's grid of channel means (0: none, as before; default: the model's)",
     )
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
@@ -228,7 +243,7 @@ def main() -> int:
                 peer, peer_score = _run_peer(data, args, train_paths, held_out)
             fused = None
             if args.fuse and peer_score is not None:
-                fused = _run_fused(data, args, lambda x, m=model: predict(m, x), peer_score, held_out)
+                fused = _run_fused(data, args, model, peer_score, held_out)
             row = {
                 "dataset": ds,
                 "variant": variant,
@@ -242,6 +257,7 @@ def main() -> int:
                 "distance": cfg.distance,
                 "hard_quantile": cfg.hard_quantile,
                 "global_taps": list(cfg.global_taps),
+                "global_grid": setting(cfg, "global_grid"),
                 "position_spread_images": cfg.position_spread_images,
                 "crop_size": cfg.crop_size,
                 "lr": cfg.lr,
@@ -275,16 +291,19 @@ def _reused_seconds(bundle: Path, cfg: TrainConfig) -> float | None:
         return None
     want = cfg.model_dump(mode="json")
     have = dict(training.get("config") or {})
-    if training.get("interrupted") or {k: v for k, v in have.items() if k != "global_taps"} != {
-        k: v for k, v in want.items() if k != "global_taps"
+    term = ("global_taps", "global_grid")
+    have.setdefault("global_taps", [])
+    have.setdefault("global_grid", 0)  # trained before the term's grid existed
+    if training.get("interrupted") or {k: v for k, v in have.items() if k not in term} != {
+        k: v for k, v in want.items() if k not in term
     }:
         return None
-    if have.get("global_taps", []) != want["global_taps"]:
+    if any(have[k] != want[k] for k in term):
         # the global term is fitted after training, on the same split: fit it as train would
         from engines.train import refit_global_term
 
-        print(f"fitting the global term {want['global_taps']} to {bundle}")
-        refit_global_term(bundle, want["global_taps"])
+        print(f"fitting the global term {want['global_taps']} (grid {want['global_grid']}) to {bundle}")
+        refit_global_term(bundle, want["global_taps"], want["global_grid"])
     print(f"reusing {bundle} (trained in {training['seconds']:.0f} s)")
     return float(training["seconds"])
 
@@ -310,25 +329,46 @@ def fuse_maps(maps: list, stats: list[tuple[float, float]]):
     return fused, fused.reshape(len(fused), -1).max(1)
 
 
-def _run_fused(data: Path, args, ours, peer_fn, held_out: list[Path]) -> dict:
-    """Our map and the peer's fused, standardised on the held-out good images (an experiment)."""
+def _run_fused(data: Path, args, model, peer_fn, held_out: list[Path]) -> dict:
+    """Our map and the peer's fused, standardised on the held-out good images (an experiment).
+    Image score: the fused map's maximum; with a global term, the larger of that and the term's
+    distance, each standardised on the held-out good images (the product's rule for its own score)."""
+    import numpy as np
+
     from engines.data import load_images
     from engines.evaluate import evaluate, format_plant, format_table
+    from engines.train import predict, score_halves
+
+    def ours(x):
+        return predict(model, x)
 
     good = load_images(held_out, args.image_size)
     stats = []
     for fn in (ours, peer_fn):
         m = fn(good)[0]
         stats.append((float(m.mean()), float(m.std())))
+    with_term = model.global_term is not None
+    if with_term:
+        top = fuse_maps([ours(good)[0], peer_fn(good)[0]], stats)[1]
+        dist = score_halves(model, good)[1]
+        score_stats = [(float(v.mean()), max(float(v.std(ddof=1)), 1e-12)) for v in (top, dist)]
 
     def fused(x):
-        return fuse_maps([ours(x)[0], peer_fn(x)[0]], stats)
+        amap, top = fuse_maps([ours(x)[0], peer_fn(x)[0]], stats)
+        if not with_term:
+            return amap, top
+        (mt, st), (mg, sg) = score_stats
+        return amap, np.maximum((top - mt) / st, (score_halves(model, x)[1] - mg) / sg)
 
     res = evaluate(data, args.image_size, fused, calibration_images=held_out, alpha=args.alpha)
-    print(f"\n== {data.name} / ours + PatchCore peer, fused")
+    term = " (image score with the global term)" if with_term else ""
+    print(f"\n== {data.name} / ours + PatchCore peer, fused{term}")
     print(format_table(res["rows"]))
     print(format_plant(res["plant"]), flush=True)
-    return {"method": "ours + peer maps, each standardised on the held-out good images, averaged", **_summary(res)}
+    method = "ours + peer maps, each standardised on the held-out good images, averaged"
+    if with_term:
+        method += "; image score the larger of its maximum and the global term, each standardised on them"
+    return {"method": method, **_summary(res)}
 
 
 def _run_peer(data: Path, args, train_paths: list[Path], held_out: list[Path]) -> tuple[dict, Memo]:
