@@ -117,9 +117,10 @@ def is_default(row: dict, shipped: TrainConfig) -> bool:
 
 
 def setting(cfg: TrainConfig, key: str):
-    """A TrainConfig setting as a row records it (a network without a global term has no grid)."""
-    if key == "global_grid" and not cfg.global_taps:
-        return 0
+    """A TrainConfig setting as a row records it: the grid the network gets (``net_config`` decides
+    that a network without a global term has none)."""
+    if key == "global_grid":
+        return cfg.net_config().global_grid
     return getattr(cfg, key)
 
 
@@ -339,9 +340,7 @@ def _run_fused(data: Path, args, model, peer_fn, held_out: list[Path]) -> dict:
     from engines.evaluate import evaluate, format_plant, format_table
     from engines.train import predict, score_halves
 
-    def ours(x):
-        return predict(model, x)
-
+    ours = Memo(lambda x: predict(model, x))  # the held-out maps are needed twice below
     good = load_images(held_out, args.image_size)
     stats = []
     for fn in (ours, peer_fn):

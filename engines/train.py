@@ -661,7 +661,8 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
 
 def refit_global_term(bundle: Path, global_taps: list[int], global_grid: int | None = None) -> dict[str, Any]:
     """Give a trained bundle the global term of ``global_taps`` ([]: none) and ``global_grid``
-    (None: TrainConfig's default), exactly as ``train`` fits it: the term is fitted after training
+    (None: the bundle's own training setting, TrainConfig's default for bundles trained before the
+    grid existed), exactly as ``train`` fits it: the term is fitted after training
     on the same split, so the student is untouched. Rewrites student.pt and model.json (an exported
     graph no longer matches and is removed)."""
     bundle = Path(bundle)
