@@ -225,3 +225,24 @@ def test_bank_latency_graph_fuses_a_nearest_neighbour_map_by_hand(trained_bundle
         graph.bank_sq = graph.bank_sq + 400.0  # every bank row 20 further away: the map rises
         far, _ = graph(torch.from_numpy(image))
     assert float((far - fused).min()) > 15.0  # sqrt(d2 + 400) - sqrt(d2) ~ 20, over 0.5, halved
+
+
+def test_region_map_rows_by_hand():
+    """region_map.py's row map: row values interpolated down the image, constant across it; each
+    row's distance standardised on the held-out parts (mean 0, spread 1 there); a row that is off
+    scores high in its own row only."""
+    from region_map import RowGaussians, to_map
+
+    m = to_map(np.array([[0.0, 1.0]]), 4)  # row centres at y = 1 and 3
+    expected_column = np.array([0.0, 0.25, 0.75, 1.0], np.float32)
+    assert np.allclose(m[0], expected_column[:, None].repeat(4, axis=1))
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(400, 3, 5))  # (parts, channels, rows)
+    held = rng.normal(size=(60, 3, 5))
+    g = RowGaussians(train, held)
+    d = g.distances(held)
+    assert np.allclose(d.mean(axis=0), 0, atol=1e-9) and np.allclose(d.std(axis=0, ddof=1), 1)
+    part = rng.normal(size=(1, 3, 5))
+    part[0, :, 2] += 6.0  # row 2 is off in every channel
+    row = g.distances(part)[0]
+    assert row.argmax() == 2 and row[2] > 5 and np.all(np.delete(row, 2) < 4)

@@ -1,0 +1,152 @@
+"""A lead for the map, measured (not in the product): a per-row Gaussian of the teacher's deepest tap.
+
+    python benchmarks/region_map.py --bundle runs/accuracy/magnetic_tile-full-rd-l2-hq0.999-e20-s0 \\
+                                    --data ../shared/data/magnetic_tile
+
+magnetic_tile's ``uneven`` defects are bands across the whole width of the tile, at its top or
+bottom: a texture or brightness that is normal somewhere else, so a distillation map (which asks
+"can the student rebuild this patch?") barely marks them. Here each row of the teacher's deepest
+tapped map is pooled over the width (channel means, smoothed over ``--rows`` rows), each row
+position gets its own Gaussian (Ledoit-Wolf, ``engines.gaussian``) fitted on the bundle's own
+training parts, and a part's row distances, standardised per row on the bundle's held-out good
+parts, are spread back over the width: a "row map". It is scored alone and fused with the
+bundle's map as ``max(ours, w * (row map - c))`` for a few fixed (w, c). The image score stays the
+bundle's (only the pixel metrics move). Prints pixel AUROC / AU-PRO over all defects and per type;
+writes benchmarks/results/region_map.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from _machine import machine_name  # noqa: E402
+
+FUSIONS = [(0.5, 0.0), (1.0, 0.0), (0.5, 2.0), (1.0, 2.0)]
+
+
+def row_descriptors(model, images: np.ndarray, rows: int, batch_size: int = 16) -> np.ndarray:
+    """(N, C, H) channel means over the width of the deepest distillation tap, smoothed over rows."""
+    import torch
+    import torch.nn.functional as F
+
+    from engines.teacher import normalize_input
+    from engines.train import to_tensor
+
+    at = model.cfg.teacher_taps().index(model.cfg.taps[-1])
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            f = model.teacher(normalize_input(to_tensor(images[i : i + batch_size], torch.device("cpu"))))[at]
+            r = f.mean(dim=3)
+            if rows > 1:
+                r = F.avg_pool1d(r, rows, 1, rows // 2, count_include_pad=False)
+            out.append(r.double().numpy())
+    return np.concatenate(out)
+
+
+class RowGaussians:
+    """One Gaussian per row position; distances standardised per row on held-out good parts."""
+
+    def __init__(self, train: np.ndarray, held_out: np.ndarray):
+        from engines.gaussian import fit_gaussian
+
+        self.fits = [fit_gaussian(train[:, :, y]) for y in range(train.shape[2])]
+        d = self.distances(held_out, standardise=False)
+        self.mean, self.std = d.mean(axis=0), np.maximum(d.std(axis=0, ddof=1), 1e-12)
+
+    def distances(self, x: np.ndarray, standardise: bool = True) -> np.ndarray:
+        from engines.gaussian import mahalanobis
+
+        d = np.stack([mahalanobis(f, x[:, :, y]) for y, f in enumerate(self.fits)], axis=1)
+        return (d - self.mean) / self.std if standardise else d
+
+
+def to_map(rows: np.ndarray, size: int) -> np.ndarray:
+    """(N, H) row values -> (N, size, size): linear along the rows, constant along the width."""
+    h = rows.shape[1]
+    centres = (np.arange(h) + 0.5) * size / h
+    y = np.arange(size) + 0.5
+    col = np.stack([np.interp(y, centres, r) for r in rows]).astype(np.float32)
+    return np.repeat(col[:, :, None], size, axis=2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--rows", type=int, default=3, help="rows each row's descriptor is smoothed over")
+    ap.add_argument("--results", type=Path, default=HERE / "results" / "region_map.json")
+    args = ap.parse_args()
+
+    from engines.bundle import read_meta
+    from engines.data import eval_items, good_training_images, load_images, read_mask, split_holdout
+    from engines.evaluate import metric_rows
+    from engines.train import load_bundle_model, predict
+
+    model = load_bundle_model(args.bundle, device="cpu")
+    cfg = read_meta(args.bundle)["training"]["config"]
+    size = model.cfg.image_size
+    train_paths, held_out = split_holdout(good_training_images(args.data), cfg["val_fraction"], cfg["seed"])
+    t0 = time.perf_counter()
+    gauss = RowGaussians(
+        row_descriptors(model, load_images(train_paths, size), args.rows),
+        row_descriptors(model, load_images(held_out, size), args.rows),
+    )
+    fit_s = time.perf_counter() - t0
+    items = eval_items(args.data)
+    n = len(items)
+    ours = np.empty((n, size, size), np.float32)
+    rowmap = np.empty((n, size, size), np.float32)
+    scores = np.empty(n, np.float32)
+    masks = np.empty((n, size, size), bool)
+    for i in range(0, n, 32):
+        part = items[i : i + 32]
+        imgs = load_images([it.path for it in part], size)
+        ours[i : i + len(part)], scores[i : i + len(part)] = predict(model, imgs)
+        rowmap[i : i + len(part)] = to_map(gauss.distances(row_descriptors(model, imgs, args.rows)), size)
+        for j, it in enumerate(part):
+            masks[i + j] = read_mask(it.mask, size, like=it.path)
+
+    variants = [("ours (the bundle's map)", ours), ("row map alone", rowmap)]
+    variants += [(f"max(ours, {w:g} x (row map - {c:g}))", np.maximum(ours, w * (rowmap - c))) for w, c in FUSIONS]
+    machine = machine_name()
+    results = []
+    print(f"\n{args.data.name}, {args.bundle.name} ({machine}; row Gaussians fitted in {fit_s:.0f} s)")
+    print("variant | all: pixel AUROC / AU-PRO | per type: pixel AUROC / AU-PRO")
+    for name, m in variants:
+        rows = {r["defect"]: r for r in metric_rows(items, m, scores, masks)}
+        per = " ".join(f"{k} {r['pixel_auroc']:.3f}/{r['au_pro']:.3f}" for k, r in rows.items() if k != "all")
+        print(f"{name} | {rows['all']['pixel_auroc']:.3f} / {rows['all']['au_pro']:.3f} | {per}", flush=True)
+        results.append(
+            {
+                "variant": name,
+                "pixel_auroc": round(rows["all"]["pixel_auroc"], 4),
+                "au_pro": round(rows["all"]["au_pro"], 4),
+                "per_defect": {
+                    k: {"pixel_auroc": round(r["pixel_auroc"], 4), "au_pro": round(r["au_pro"], 4)}
+                    for k, r in rows.items()
+                    if k != "all"
+                },
+            }
+        )
+    out = {"machine": machine, "bundle": args.bundle.name, "data": args.data.name, "rows": args.rows,
+           "variants": results}  # fmt: skip
+    old = json.loads(args.results.read_text()) if args.results.is_file() else []
+    old = [r for r in old if (r["bundle"], r["data"]) != (out["bundle"], out["data"])]
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps([*old, out], indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
