@@ -89,8 +89,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from engines.bundle import read_meta
-    from engines.data import eval_items, good_training_images, load_images, read_mask, split_holdout
-    from engines.evaluate import metric_rows
+    from engines.data import eval_items, good_training_images, load_images, split_holdout
+    from engines.evaluate import metric_rows, score_items
     from engines.train import load_bundle_model, predict
 
     model = load_bundle_model(args.bundle, device="cpu")
@@ -104,18 +104,14 @@ def main() -> int:
     )
     fit_s = time.perf_counter() - t0
     items = eval_items(args.data)
-    n = len(items)
-    ours = np.empty((n, size, size), np.float32)
-    rowmap = np.empty((n, size, size), np.float32)
-    scores = np.empty(n, np.float32)
-    masks = np.empty((n, size, size), bool)
-    for i in range(0, n, 32):
-        part = items[i : i + 32]
-        imgs = load_images([it.path for it in part], size)
-        ours[i : i + len(part)], scores[i : i + len(part)] = predict(model, imgs)
-        rowmap[i : i + len(part)] = to_map(gauss.distances(row_descriptors(model, imgs, args.rows)), size)
-        for j, it in enumerate(part):
-            masks[i + j] = read_mask(it.mask, size, like=it.path)
+    row_maps = []
+
+    def ours_and_rows(imgs):  # score_items calls it on each chunk in order
+        row_maps.append(to_map(gauss.distances(row_descriptors(model, imgs, args.rows)), size))
+        return predict(model, imgs)
+
+    ours, scores, masks = score_items(items, size, ours_and_rows)
+    rowmap = np.concatenate(row_maps)
 
     variants = [("ours (the bundle's map)", ours), ("row map alone", rowmap)]
     variants += [(f"max(ours, {w:g} x (row map - {c:g}))", np.maximum(ours, w * (rowmap - c))) for w, c in FUSIONS]
