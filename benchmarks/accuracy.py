@@ -46,6 +46,8 @@ sys.path.insert(0, str(HERE))
 
 from _machine import machine_name  # noqa: E402
 
+from engines.data import parse_image_width  # noqa: E402
+
 if TYPE_CHECKING:
     from engines.train import TrainConfig
 
@@ -97,21 +99,31 @@ OPTIONS = (
     "global_taps",
     "reverse_width",
     "global_grid",
+    "image_width",
 )
 
 
 def _key(row: dict) -> tuple:
     """Rows replace each other only when they measured the same setting."""
     net = tuple(json.dumps(row.get(k, OLD_DEFAULTS.get(k))) for k in NET_KEYS)
-    return (row["dataset"], row["variant"], row.get("seed", 0), *net)
+    return (row["dataset"], row["variant"], row.get("seed", 0), row_input(row), *net)
 
 
-def is_default(row: dict, shipped: TrainConfig) -> bool:
+def row_input(row: dict) -> tuple[int, int]:
+    """A row's model input (height, width); rows from before non-square inputs were square."""
+    side = row.get("image_size", 256)
+    return side, row.get("image_width") or side
+
+
+def is_default(row: dict, shipped: TrainConfig, shipped_input: tuple[int, int] | None = None) -> bool:
     """Whether a row measured the network `lineinspect train` ships now (all its settings, the
-    full variant, the shipped input size); rows of earlier defaults lose the mark when it changes."""
+    full variant, the input it chooses for that data set: ``shipped_input``, from ``resolve_input``
+    on the set's training images; None: its square); rows of earlier defaults lose the mark when it
+    changes."""
+    want = shipped_input or (shipped.image_size, shipped.image_size)
     return (
         row["variant"] == "full"
-        and row.get("image_size", 256) == shipped.image_size
+        and row_input(row) == want
         and all(json.dumps(row.get(k, OLD_DEFAULTS.get(k))) == json.dumps(setting(shipped, k)) for k in NET_KEYS)
     )
 
@@ -151,7 +163,10 @@ def main() -> int:
     ap.add_argument("--datasets", nargs="+", default=["magnetic_tile", "ball_screw_drive"])
     ap.add_argument("--variants", nargs="+", default=["full", "plain", "simam", "sspcab"], choices=list(VARIANTS))
     ap.add_argument("--epochs", type=int, help="training epochs (default: lineinspect train's)")
-    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=256, help="as TrainConfig.image_size")
+    ap.add_argument(
+        "--image-width", type=parse_image_width, help="pixels, auto or square (default: lineinspect train's)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--taps", type=int, nargs="+", help="teacher blocks to tap (default: the model's default)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (split, initialisation, batch order)")
@@ -194,7 +209,7 @@ def main() -> int:
 
     from engines.data import good_training_images, split_holdout
     from engines.evaluate import evaluate, format_plant, format_table
-    from engines.train import TrainConfig, load_bundle_model, predict, train
+    from engines.train import TrainConfig, load_bundle_model, predict, resolve_input, train
 
     machine = machine_name()
     rows: list[dict] = json.loads(args.results.read_text()) if args.results.is_file() else []
@@ -212,12 +227,15 @@ def main() -> int:
             cfg = TrainConfig(
                 image_size=args.image_size, device=args.device, seed=args.seed, **VARIANTS[variant], **extra
             )
+            cfg, input_note = resolve_input(cfg, good_training_images(data))  # as train decides it
+            size = cfg.net_config().input_hw()
             train_paths, held_out = split_holdout(good_training_images(data), cfg.val_fraction, cfg.seed)
             hq = f"-hq{cfg.hard_quantile:g}" if cfg.hard_quantile is not None else ""
             rev = "-rd" if cfg.student == "reverse" else ""
             if rev and cfg.reverse_width != OLD_DEFAULTS["reverse_width"]:  # tags from before the option: 192 wide
                 rev += f"-w{cfg.reverse_width}"
-            tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}-s{cfg.seed}"
+            wide = f"-{size[0]}x{size[1]}" if cfg.image_width is not None else ""
+            tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}{wide}-s{cfg.seed}"
             bundle = args.work / tag
             train_s = _reused_seconds(bundle, cfg) if args.reuse else None
             if train_s is None:
@@ -227,7 +245,7 @@ def main() -> int:
             model = load_bundle_model(bundle, device=args.device)
             res = evaluate(
                 data,
-                args.image_size,
+                size,
                 lambda x, m=model: predict(m, x),
                 bundle / "eval",
                 n_overlays=8,
@@ -235,16 +253,17 @@ def main() -> int:
                 alpha=args.alpha,
             )
             print(f"\n== {ds} / {variant} / {cfg.distance} ({cfg.epochs} epochs, trained in {train_s:.0f} s)")
+            print(f"input {size[0]} x {size[1]}: {input_note}")
             print(format_table(res["rows"]))
             for note in res["notes"]:
                 print(f"note: {note}")
             print(format_plant(res["plant"]), flush=True)
-            components = _run_components(data, args, model, held_out) if model.global_term is not None else None
+            components = _run_components(data, args, size, model, held_out) if model.global_term is not None else None
             if peer is None and not args.no_peer:
-                peer, peer_score = _run_peer(data, args, train_paths, held_out)
+                peer, peer_score = _run_peer(data, args, size, train_paths, held_out)
             fused = None
             if args.fuse and peer_score is not None:
-                fused = _run_fused(data, args, model, peer_score, held_out)
+                fused = _run_fused(data, args, size, model, peer_score, held_out)
             row = {
                 "dataset": ds,
                 "variant": variant,
@@ -263,7 +282,9 @@ def main() -> int:
                 "crop_size": cfg.crop_size,
                 "lr": cfg.lr,
                 "seed": cfg.seed,
-                "image_size": args.image_size,
+                "image_size": size[0],  # the input's height and width (image_width None: a square)
+                "image_width": cfg.image_width,
+                "image_width_setting": args.image_width or shipped.image_width,
                 "train_seconds": round(train_s, 1),
                 "default": False,  # set for every row below, against what lineinspect train ships now
                 "peer": peer,
@@ -276,12 +297,29 @@ def main() -> int:
             rows = [r for r in rows if _key(r) != _key(row)]
             rows.append(row)
             for r in rows:
-                r["default"] = is_default(r, shipped)
+                r["default"] = is_default(r, shipped, shipped_inputs(args.data_root, r["dataset"], shipped))
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(rows, indent=2) + "\n")
             print_table([row], machine)
     print_table([r for r in rows if r.get("peer")], machine)
     return 0
+
+
+_SHIPPED_INPUTS: dict[Path, tuple[int, int] | None] = {}
+
+
+def shipped_inputs(root: Path, dataset: str, shipped: TrainConfig) -> tuple[int, int] | None:
+    """The input ``lineinspect train`` chooses for a data set under ``root`` (None when it is not here)."""
+    from engines.data import good_training_images
+    from engines.train import resolve_input
+
+    where = root / dataset
+    if where not in _SHIPPED_INPUTS:
+        try:
+            _SHIPPED_INPUTS[where] = resolve_input(shipped, good_training_images(where))[0].net_config().input_hw()
+        except ValueError:
+            _SHIPPED_INPUTS[where] = None
+    return _SHIPPED_INPUTS[where]
 
 
 def _reused_seconds(bundle: Path, cfg: TrainConfig) -> float | None:
@@ -295,6 +333,7 @@ def _reused_seconds(bundle: Path, cfg: TrainConfig) -> float | None:
     term = ("global_taps", "global_grid")
     have.setdefault("global_taps", [])
     have.setdefault("global_grid", 0)  # trained before the term's grid existed
+    have.setdefault("image_width", None)  # ... and before non-square inputs
     if training.get("interrupted") or {k: v for k, v in have.items() if k not in term} != {
         k: v for k, v in want.items() if k not in term
     }:
@@ -330,7 +369,7 @@ def fuse_maps(maps: list, stats: list[tuple[float, float]]):
     return fused, fused.reshape(len(fused), -1).max(1)
 
 
-def _run_fused(data: Path, args, model, peer_fn, held_out: list[Path]) -> dict:
+def _run_fused(data: Path, args, size: tuple[int, int], model, peer_fn, held_out: list[Path]) -> dict:
     """Our map and the peer's fused, standardised on the held-out good images (an experiment).
     Image score: the fused map's maximum; with a global term, the larger of that and the term's
     distance, each standardised on the held-out good images (the product's rule for its own score)."""
@@ -341,7 +380,7 @@ def _run_fused(data: Path, args, model, peer_fn, held_out: list[Path]) -> dict:
     from engines.train import predict, score_halves
 
     ours = Memo(lambda x: predict(model, x))  # the held-out maps are needed twice below
-    good = load_images(held_out, args.image_size)
+    good = load_images(held_out, size)
     stats = []
     for fn in (ours, peer_fn):
         m = fn(good)[0]
@@ -359,7 +398,7 @@ def _run_fused(data: Path, args, model, peer_fn, held_out: list[Path]) -> dict:
         (mt, st), (mg, sg) = score_stats
         return amap, np.maximum((top - mt) / st, (score_halves(model, x)[1] - mg) / sg)
 
-    res = evaluate(data, args.image_size, fused, calibration_images=held_out, alpha=args.alpha)
+    res = evaluate(data, size, fused, calibration_images=held_out, alpha=args.alpha)
     term = " (image score with the global term)" if with_term else ""
     print(f"\n== {data.name} / ours + PatchCore peer, fused{term}")
     print(format_table(res["rows"]))
@@ -370,7 +409,9 @@ def _run_fused(data: Path, args, model, peer_fn, held_out: list[Path]) -> dict:
     return {"method": method, **_summary(res)}
 
 
-def _run_peer(data: Path, args, train_paths: list[Path], held_out: list[Path]) -> tuple[dict, Memo]:
+def _run_peer(
+    data: Path, args, size: tuple[int, int], train_paths: list[Path], held_out: list[Path]
+) -> tuple[dict, Memo]:
     """PatchCore fitted on exactly the images our network trained on, scored like ours; also its
     (remembering) score function."""
     from patchcore import PatchCore, PatchCoreConfig
@@ -379,11 +420,11 @@ def _run_peer(data: Path, args, train_paths: list[Path], held_out: list[Path]) -
     from engines.evaluate import evaluate, format_plant, format_table
 
     t0 = time.perf_counter()
-    pc = PatchCore(PatchCoreConfig(image_size=args.image_size, coreset_ratio=args.peer_coreset), seed=args.seed)
-    pc.fit(load_images(train_paths, args.image_size))
+    pc = PatchCore(PatchCoreConfig(coreset_ratio=args.peer_coreset), seed=args.seed)
+    pc.fit(load_images(train_paths, size))
     fit_s = time.perf_counter() - t0
     score = Memo(pc.predict)
-    res = evaluate(data, args.image_size, score, calibration_images=held_out, alpha=args.alpha)
+    res = evaluate(data, size, score, calibration_images=held_out, alpha=args.alpha)
     print(
         f"\n== {data.name} / PatchCore peer (coreset {args.peer_coreset:.1%} of {pc.n_patches} patches, "
         f"fit {fit_s:.0f} s)"
@@ -397,7 +438,7 @@ def _run_peer(data: Path, args, train_paths: list[Path], held_out: list[Path]) -
     }, score
 
 
-def _run_components(data: Path, args, model, held_out: list[Path]) -> dict:
+def _run_components(data: Path, args, size: tuple[int, int], model, held_out: list[Path]) -> dict:
     """Image metrics of each half of the image score alone, from the same network and run: how much
     the map (the distillation) and the global term each carry."""
     import numpy as np
@@ -408,10 +449,10 @@ def _run_components(data: Path, args, model, held_out: list[Path]) -> dict:
     from engines.train import score_halves
 
     items = eval_items(data)
-    parts = [score_halves(model, load_images([it.path for it in items[i : i + 64]], args.image_size))
+    parts = [score_halves(model, load_images([it.path for it in items[i : i + 64]], size))
              for i in range(0, len(items), 64)]  # fmt: skip
     test = [np.concatenate([p[j] for p in parts]) for j in (0, 1)]
-    cal = score_halves(model, load_images(held_out, args.image_size))
+    cal = score_halves(model, load_images(held_out, size))
     defects = [it.defect for it in items]
     y = np.array([d != "good" for d in defects])
     out = {}

@@ -62,7 +62,7 @@ def main() -> int:
     from engines.evaluate import metric_rows, score_items
 
     meta = bundle_mod.read_meta(args.bundle)
-    size = bundle_mod.input_size(meta)
+    size = bundle_mod.input_hw(meta)
     items = eval_items(args.data)
     machine = machine_name()
     ref = None

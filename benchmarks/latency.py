@@ -160,12 +160,17 @@ def model_label(bundle: Path) -> str:
     return f"{bundle.name} (taps {taps}, {shape} student, {net.get('distance', 'cosine')}{term})"
 
 
-def is_default(bundle: Path, size: int) -> bool:
-    """True when the bundle's network is the one ``lineinspect train`` ships."""
+def is_default(bundle: Path, size: int | tuple[int, int]) -> bool:
+    """True when the bundle's network is the one ``lineinspect train`` ships, at input ``size`` (one
+    side or (height, width); which input train chooses depends on the training images)."""
+    from engines.data import hw
+    from engines.model import NetConfig
     from engines.train import TrainConfig
 
-    net = json.loads((bundle / "model.json").read_text())["net"]
-    return net == TrainConfig(image_size=size).net_config().to_json()
+    net = NetConfig.from_json(json.loads((bundle / "model.json").read_text())["net"])  # older keys filled in
+    h, w = hw(size)
+    shipped = TrainConfig(image_size=h, image_width="square" if w == h else w).net_config()
+    return net.input_hw() == (h, w) and net.to_json() == shipped.to_json()
 
 
 def main() -> int:

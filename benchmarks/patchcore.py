@@ -106,7 +106,6 @@ class PatchCoreConfig:
     # the number of centres is still coreset_ratio of ALL patches
     max_candidates: int | None = 150_000
     blur_sigma: float = 4.0  # input pixels, the product's default
-    image_size: int = 256
     batch_size: int = 16
 
 
@@ -148,7 +147,6 @@ class PatchCore:
         if self.bank is None:
             msg = "PatchCore.predict before fit"
             raise RuntimeError(msg)
-        size = self.cfg.image_size
         maps, scores = [], []
         k = min(self.cfg.reweight_k, len(self.bank))
         for i in range(0, len(images), self.cfg.batch_size):
@@ -158,7 +156,8 @@ class PatchCore:
             patch = d[:, 0].view(len(part), h * w)
             scores.append(self._reweighted_max(feats.view(len(part), h * w, -1), patch, j[:, 0].view(len(part), -1), k))
             m = patch.view(len(part), 1, h, w)
-            m = resize_bilinear(m, bilinear_matrix(size, h), bilinear_matrix(size, w))
+            rows, cols = part.shape[1:3]  # the input's size (square or not)
+            m = resize_bilinear(m, bilinear_matrix(rows, h), bilinear_matrix(cols, w))
             maps.append(smooth(m, self.cfg.blur_sigma)[:, 0])
         return torch.cat(maps).numpy(), torch.cat(scores).numpy()
 

@@ -31,6 +31,8 @@ sys.path.insert(0, str(HERE))
 
 from _machine import machine_name  # noqa: E402
 
+from engines.data import hw  # noqa: E402
+
 FUSIONS = [(0.5, 0.0), (1.0, 0.0), (0.5, 2.0), (1.0, 2.0)]
 
 
@@ -71,13 +73,14 @@ class RowGaussians:
         return (d - self.mean) / self.std if standardise else d
 
 
-def to_map(rows: np.ndarray, size: int) -> np.ndarray:
-    """(N, H) row values -> (N, size, size): linear along the rows, constant along the width."""
-    h = rows.shape[1]
-    centres = (np.arange(h) + 0.5) * size / h
-    y = np.arange(size) + 0.5
-    col = np.stack([np.interp(y, centres, r) for r in rows]).astype(np.float32)
-    return np.repeat(col[:, :, None], size, axis=2)
+def to_map(rows: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """(N, R) row values -> (N, H, W) at the input ``size``: linear along the rows, constant along the width."""
+    height, width = hw(size)
+    r = rows.shape[1]
+    centres = (np.arange(r) + 0.5) * height / r
+    y = np.arange(height) + 0.5
+    col = np.stack([np.interp(y, centres, v) for v in rows]).astype(np.float32)
+    return np.repeat(col[:, :, None], width, axis=2)
 
 
 def main() -> int:
@@ -95,7 +98,7 @@ def main() -> int:
 
     model = load_bundle_model(args.bundle, device="cpu")
     cfg = read_meta(args.bundle)["training"]["config"]
-    size = model.cfg.image_size
+    size = model.cfg.input_hw()
     train_paths, held_out = split_holdout(good_training_images(args.data), cfg["val_fraction"], cfg["seed"])
     t0 = time.perf_counter()
     gauss = RowGaussians(

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from engines.data import parse_image_width
+
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a student on good images and write a model bundle")
@@ -14,7 +16,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="bundle folder to write (model.json + student.pt)")
     p.add_argument("--config", type=Path, help="training YAML (see engines.train.TrainConfig)")
     p.add_argument("--epochs", type=int, help="override epochs")
-    p.add_argument("--image-size", type=int, help="override the square input size")
+    p.add_argument("--image-size", type=int, help="override the input size (the square's side, or the height)")
+    p.add_argument(
+        "--image-width",
+        type=parse_image_width,
+        help="input width in pixels, auto (the training images' aspect when they share one; the default) or square",
+    )
     p.add_argument("--seed", type=int, help="override the seed")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--teacher-weights", type=Path, help="Lite0 state_dict file instead of the packaged weights")

@@ -104,7 +104,7 @@ class Inspector:
         amap = out["anomaly_map"][0]
         score = float(out["score"][0])
         h, w = frame.image.shape[:2]
-        regions = find_regions(amap, cal.pixel_threshold, cal.min_defect_area_px, (w / self.size, h / self.size))
+        regions = find_regions(amap, cal.pixel_threshold, cal.min_defect_area_px, (w / self.size[1], h / self.size[0]))
         t3 = time.perf_counter()
         latency = {
             "queue": round((t_dequeued - frame.t_mono) * 1000, 3),

@@ -230,5 +230,6 @@ def read_manifest(bundle: Path) -> Manifest:
     return Manifest.model_validate(read_meta(bundle))
 
 
-def input_size(meta: dict[str, Any]) -> int:
-    return int(meta["input"]["height"])
+def input_hw(meta: dict[str, Any]) -> tuple[int, int]:
+    """The model input's (height, width) in pixels."""
+    return int(meta["input"]["height"]), int(meta["input"]["width"])

@@ -10,6 +10,7 @@ MVTec layout::
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,17 @@ import cv2
 import numpy as np
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# The model's input size: one side (a square) or (height, width).
+Size = int | tuple[int, int]
+
+
+def hw(size: Size) -> tuple[int, int]:
+    """(height, width) of a model input size given as one side (a square) or as (height, width)."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
 
 
 class DatasetError(ValueError):
@@ -41,8 +53,9 @@ def to_rgb(img: np.ndarray) -> np.ndarray:
     raise ValueError(msg)
 
 
-def preprocess(img: np.ndarray, size: int) -> np.ndarray:
-    """Camera image (grayscale or BGR, uint8) -> RGB uint8 (size, size, 3), the model's input.
+def preprocess(img: np.ndarray, size: Size) -> np.ndarray:
+    """Camera image (grayscale or BGR, uint8) -> RGB uint8 (height, width, 3), the model's input
+    (``size`` one side of a square or (height, width)).
 
     The same function serves training, evaluation and the line service, so they cannot drift.
     """
@@ -50,13 +63,14 @@ def preprocess(img: np.ndarray, size: int) -> np.ndarray:
         msg = f"expected a uint8 image, got {img.dtype}"
         raise ValueError(msg)
     rgb = to_rgb(img)
-    if rgb.shape[:2] != (size, size):
-        interp = cv2.INTER_AREA if min(rgb.shape[:2]) >= size else cv2.INTER_LINEAR
-        rgb = cv2.resize(rgb, (size, size), interpolation=interp)
+    h, w = hw(size)
+    if rgb.shape[:2] != (h, w):
+        interp = cv2.INTER_AREA if rgb.shape[0] >= h and rgb.shape[1] >= w else cv2.INTER_LINEAR
+        rgb = cv2.resize(rgb, (w, h), interpolation=interp)
     return np.ascontiguousarray(rgb)
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
+def read_image(path: Path, size: Size) -> np.ndarray:
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         msg = f"cannot read image {path} (missing, unreadable or not an image)"
@@ -66,19 +80,71 @@ def read_image(path: Path, size: int) -> np.ndarray:
     return preprocess(img, size)
 
 
-def read_mask(path: Path | None, size: int, like: Path | None = None) -> np.ndarray:
+def read_mask(path: Path | None, size: Size, like: Path | None = None) -> np.ndarray:
     """Ground-truth mask resized (nearest) to the model size; all-zero when ``path`` is None."""
+    h, w = hw(size)
     if path is None:
-        return np.zeros((size, size), dtype=bool)
+        return np.zeros((h, w), dtype=bool)
     m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if m is None:
         msg = f"cannot read mask {path}" + (f" (for {like})" if like else "")
         raise DatasetError(msg)
-    return cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 127
+    return cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST) > 127
 
 
-def load_images(paths: Sequence[Path], size: int) -> np.ndarray:
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+# image_width "auto": the training images share one aspect ratio when this share of them lies within
+# ASPECT_SPREAD of their median; it is kept when it is at least ASPECT_KEPT : 1 (else: a square input)
+ASPECT_SHARE = 0.9
+ASPECT_SPREAD = 0.10
+ASPECT_KEPT = 1.25
+
+
+def parse_image_width(text: str) -> int | str:
+    """A command line's ``--image-width``: a number of pixels, ``auto`` or ``square``."""
+    if text in ("auto", "square"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        msg = f"--image-width takes a number of pixels, auto or square, got {text!r}"
+        raise ValueError(msg) from None
+
+
+def image_aspects(paths: Sequence[Path]) -> np.ndarray:
+    """Width / height of each image, from its header (Pillow, which matplotlib brings; nothing decoded)."""
+    from PIL import Image
+
+    out = np.empty(len(paths))
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+        except OSError as exc:
+            msg = f"cannot read image {p} ({exc})"
+            raise DatasetError(msg) from exc
+        out[i] = w / h
+    return out
+
+
+def keep_aspect_input(aspects: np.ndarray, side: int, multiple: int) -> tuple[tuple[int, int] | None, str]:
+    """The input ``image_width: auto`` chooses: (height, width) of about ``side`` x ``side`` pixels at
+    the images' shared aspect ratio, both sides multiples of ``multiple``, or None (a square input)
+    when they do not share one or it is near square; and why, in words."""
+    if len(aspects) == 0:
+        return None, "square (no images)"
+    median = float(np.median(aspects))
+    share = float(np.mean(np.abs(aspects / median - 1.0) <= ASPECT_SPREAD))
+    if share < ASPECT_SHARE:
+        return None, f"square (the images' aspects differ: {share:.0%} within {ASPECT_SPREAD:.0%} of {median:.2f})"
+    if max(median, 1.0 / median) < ASPECT_KEPT:
+        return None, f"square (the images' aspect {median:.2f} is near square)"
+    h = max(multiple, round(side / math.sqrt(median) / multiple) * multiple)
+    w = max(multiple, round(side * side / h / multiple) * multiple)
+    return (h, w), f"{h} x {w} (the images' aspect {median:.2f}, {share:.0%} of them within {ASPECT_SPREAD:.0%})"
+
+
+def load_images(paths: Sequence[Path], size: Size) -> np.ndarray:
+    out = np.empty((len(paths), *hw(size), 3), dtype=np.uint8)
     for i, p in enumerate(paths):
         out[i] = read_image(p, size)
     return out

@@ -16,17 +16,17 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engines.data import EvalItem, eval_items, load_images, read_mask
+from engines.data import EvalItem, Size, eval_items, hw, load_images, read_mask
 from engines.metrics import au_pro, auroc, f1_max
 
 ScoreFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # uint8 (N,H,W,3) -> maps, scores
 
 
-def score_items(items: list[EvalItem], size: int, score_fn: ScoreFn, chunk: int = 64):
+def score_items(items: list[EvalItem], size: Size, score_fn: ScoreFn, chunk: int = 64):
     """Run ``score_fn`` over the items in chunks (bounded memory): images, maps, scores, masks."""
-    maps = np.empty((len(items), size, size), np.float32)
+    maps = np.empty((len(items), *hw(size)), np.float32)
     scores = np.empty(len(items), np.float32)
-    masks = np.empty((len(items), size, size), bool)
+    masks = np.empty((len(items), *hw(size)), bool)
     for i in range(0, len(items), chunk):
         part = items[i : i + chunk]
         imgs = load_images([it.path for it in part], size)
@@ -159,7 +159,7 @@ def save_overlays(
     maps: np.ndarray,
     scores: np.ndarray,
     masks: np.ndarray,
-    size: int,
+    size: Size,
     out: Path,
     n: int,
 ) -> list[Path]:
@@ -182,7 +182,7 @@ def save_overlays(
 
 def evaluate(
     data: Path,
-    size: int,
+    size: Size,
     score_fn: ScoreFn,
     out: Path | None = None,
     n_overlays: int = 12,
@@ -232,7 +232,7 @@ def main_evaluate(args) -> int:
 
     try:
         meta = bundle_mod.read_meta(Path(args.bundle))
-        size = bundle_mod.input_size(meta)
+        size = bundle_mod.input_hw(meta)
         score_fn = _score_fn(args, meta)
         out = Path(args.out) if args.out else Path(args.bundle) / "eval"
         held_out = held_out_goods(meta)

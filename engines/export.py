@@ -99,19 +99,21 @@ def export_onnx(model: KDModel, path: Path, opset: int = OPSET, fp16: bool = Fal
     doc = "lineinspect student/teacher anomaly graph: uint8 NHWC RGB -> anomaly_map, score" + (
         " (networks in fp16)" if fp16 else ""
     )
-    return export_graph(graph, model.cfg.image_size, path, doc, opset)
+    return export_graph(graph, model.cfg.input_hw(), path, doc, opset)
 
 
 def export_graph(
-    graph: nn.Module, size: int, path: Path, doc: str, opset: int = OPSET, tensorrt_check: bool = True
+    graph: nn.Module, size: int | tuple[int, int], path: Path, doc: str, opset: int = OPSET, tensorrt_check: bool = True
 ) -> Path:
-    """Export a graph of the contract above (uint8 NHWC ``size`` x ``size`` in), checked by ONNX and
+    """Export a graph of the contract above (uint8 NHWC at ``size``, one side or (H, W)), checked by ONNX and
     (unless ``tensorrt_check`` is off: benchmark graphs only) the TensorRT rule check, to one
     self-contained file at ``path``."""
     import onnx
 
     graph = graph.eval()
-    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    from engines.data import hw
+
+    example = torch.zeros(2, *hw(size), 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=64)
     path = Path(path)
     try:
@@ -142,7 +144,9 @@ def export_graph(
     return path
 
 
-def parity_images(meta: dict[str, Any], size: int, n: int = 4, images_dir: Path | None = None) -> np.ndarray:
+def parity_images(
+    meta: dict[str, Any], size: tuple[int, int], n: int = 4, images_dir: Path | None = None
+) -> np.ndarray:
     """Real images for the parity check: a folder given, else the training data, else synthetic parts."""
     from engines.data import good_training_images, list_images, load_images
 
@@ -161,10 +165,12 @@ def parity_images(meta: dict[str, Any], size: int, n: int = 4, images_dir: Path 
                 paths = []
     if paths:
         return load_images(paths, size)
+    from engines.data import preprocess
     from engines.synthetic import render
 
     rng = np.random.default_rng(0)
-    return np.stack([render(rng, size, d)[0] for d in (None, "scratch", "spot", "dent")][:n])
+    parts = [render(rng, max(size), d)[0] for d in (None, "scratch", "spot", "dent")][:n]
+    return np.stack([preprocess(p[..., ::-1].copy(), size) for p in parts])  # render is RGB, preprocess reads BGR
 
 
 def _compare_with_torch(
@@ -223,7 +229,7 @@ def export_bundle(bundle: Path, images_dir: Path | None = None, opset: int = OPS
     bundle = Path(bundle)
     meta = bundle_mod.read_meta(bundle)
     model = load_bundle_model(bundle, device="cpu")
-    size = model.cfg.image_size
+    size = model.cfg.input_hw()
     fd, tmp_name = tempfile.mkstemp(dir=bundle, prefix=".model.", suffix=".onnx")
     os.close(fd)
     tmp = Path(tmp_name)
@@ -238,9 +244,9 @@ def export_bundle(bundle: Path, images_dir: Path | None = None, opset: int = OPS
         "file": bundle_mod.MODEL_ONNX,
         "sha256": bundle_mod.sha256_file(final),
         "opset": opset,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "shape": ["batch", size, size, 3]},
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "shape": ["batch", *size, 3]},
         "outputs": {
-            "anomaly_map": {"dtype": "float32", "shape": ["batch", size, size]},
+            "anomaly_map": {"dtype": "float32", "shape": ["batch", *size]},
             "score": {"dtype": "float32", "shape": ["batch"]},
         },
         "parity": parity | {"atol": MAP_ATOL, "reference": "torch fp32"},

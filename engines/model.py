@@ -30,7 +30,10 @@ from engines.teacher import (
 class NetConfig:
     """Architecture and map settings (stored in model.json, used to rebuild the module)."""
 
-    image_size: int = 256
+    image_size: int = 256  # the input's height (and its width unless image_width is set)
+    # the input's width when it is not square (parts whose images are long: keep their aspect
+    # instead of squashing them); None for a square input, as in bundles from before it
+    image_width: int | None = None
     taps: tuple[int, ...] = DEFAULT_TAPS
     simam: bool = True
     simam_lambda: float = 1e-4
@@ -76,6 +79,10 @@ class NetConfig:
     # part; 0 for none, as in bundles from before it
     global_grid: int = 0
 
+    def input_hw(self) -> tuple[int, int]:
+        """The input's (height, width) in pixels."""
+        return self.image_size, self.image_size if self.image_width is None else self.image_width
+
     def teacher_taps(self) -> tuple[int, ...]:
         """The teacher blocks the network reads: the distillation taps and the global term's."""
         return tuple(sorted(set(self.taps) | set(self.global_taps)))
@@ -93,8 +100,8 @@ class NetConfig:
         if len(self.scale_weights) != len(self.taps):
             msg = f"scale_weights has {len(self.scale_weights)} entries for {len(self.taps)} taps"
             raise ValueError(msg)
-        if self.image_size % 16:
-            msg = f"image_size must be a multiple of 16, got {self.image_size}"
+        if self.image_size % 16 or (self.image_width is not None and self.image_width % 16):
+            msg = f"image_size and image_width must each be a multiple of 16, got {self.image_size}, {self.image_width}"
             raise ValueError(msg)
         if self.student not in ("forward", "reverse"):
             msg = f"student must be 'forward' or 'reverse', got {self.student!r}"
@@ -103,10 +110,12 @@ class NetConfig:
             msg = f"reverse_width must be a multiple of 8, at least 16, got {self.reverse_width}"
             raise ValueError(msg)
         strides = tap_strides(self.taps)
-        if self.student == "reverse" and (any(strides[-1] % s for s in strides) or self.image_size % (2 * strides[-1])):
+        if self.student == "reverse" and (
+            any(strides[-1] % s for s in strides) or any(n % (2 * strides[-1]) for n in self.input_hw())
+        ):
             msg = (
                 f"the reverse student needs tap strides that divide the deepest one ({strides}) and an image_size "
-                f"that is a multiple of twice it, got {self.image_size}"
+                f"(and image_width) that is a multiple of twice it, got {' x '.join(map(str, self.input_hw()))}"
             )
             raise ValueError(msg)
         if self.student == "forward" and self.sspcab and not 0 <= self.sspcab_block() <= self.taps[-1]:
@@ -124,7 +133,7 @@ class NetConfig:
             last = len(LITE0_BLOCKS) - 1
             msg = f"global_taps must be distinct teacher blocks in 0..{last}, got {list(self.global_taps)}"
             raise ValueError(msg)
-        smallest = self.image_size // max(tap_strides(self.global_taps), default=1)
+        smallest = min(self.input_hw()) // max(tap_strides(self.global_taps), default=1)
         if not 0 <= self.global_grid <= smallest:
             msg = f"global_grid must be within 0..{smallest} (the global taps' feature size), got {self.global_grid}"
             raise ValueError(msg)
@@ -148,6 +157,7 @@ class NetConfig:
         d.setdefault("reverse_width", 192)
         d["global_taps"] = tuple(d.get("global_taps", ()))  # ... and before the global term, none
         d.setdefault("global_grid", 0)  # ... and before its grid, the whole image's statistics only
+        d.setdefault("image_width", None)  # ... and before image_width, every input was square
         return cls(**d)
 
 
@@ -236,7 +246,8 @@ class ReverseStudent(nn.Module):
             layers = []
             while at > s:
                 at //= 2
-                layers.append(_Upsample2x(cfg.image_size // at))
+                h, w = cfg.input_hw()
+                layers.append(_Upsample2x(h // at, w // at))
             layers += [_conv_bn_relu(c_cur, c_out), _conv_bn_relu(c_out, c_out)]
             self.stages.append(nn.Sequential(*layers))
             self.heads.append(nn.Conv2d(c_out, c, 1))
@@ -265,14 +276,15 @@ class ReverseStudent(nn.Module):
 
 
 class _Upsample2x(nn.Module):
-    """2x bilinear upsampling to ``n_out`` as two products with fixed matrices (TensorRT-friendly)."""
+    """2x bilinear upsampling to ``h_out`` x ``w_out`` as two products with fixed matrices (TensorRT-friendly)."""
 
-    def __init__(self, n_out: int):
+    def __init__(self, h_out: int, w_out: int):
         super().__init__()
-        self.register_buffer("m", bilinear_matrix(n_out, n_out // 2), persistent=False)
+        self.register_buffer("rows", bilinear_matrix(h_out, h_out // 2), persistent=False)
+        self.register_buffer("cols", bilinear_matrix(w_out, w_out // 2), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return resize_bilinear(x, self.m, self.m)
+        return resize_bilinear(x, self.rows, self.cols)
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -426,7 +438,7 @@ class GlobalTerm(nn.Module):
 
 
 class KDModel(nn.Module):
-    """Frozen teacher + student. Input: float RGB 0..255, NCHW, at ``image_size``."""
+    """Frozen teacher + student. Input: float RGB 0..255, NCHW, at ``cfg.input_hw()``."""
 
     def __init__(
         self, teacher: Teacher, cfg: NetConfig, sspcab_lambda: float = 0.1, hard_quantile: float | None = None
@@ -460,20 +472,23 @@ class KDModel(nn.Module):
         self.register_buffer("blur_k", k)
         # Zero-padded blur divided by the blur of ones: exact border handling with plain convolutions
         # (every runtime, TensorRT included, supports it).
-        self.fuse_size = cfg.image_size // cfg.fuse_stride
-        self.register_buffer("blur_norm", self._blur_raw(torch.ones(1, 1, self.fuse_size, self.fuse_size)))
+        height, width = cfg.input_hw()
+        self.fuse_size = (height // cfg.fuse_stride, width // cfg.fuse_stride)  # (h, w) of the fused map
+        self.register_buffer("blur_norm", self._blur_raw(torch.ones(1, 1, *self.fuse_size)))
         # Per-position mean of the fused map on good images (removes systematic hot spots such as
         # the border rows that TF SAME padding makes) and the spread left after it.
-        self.register_buffer("pos_mean", torch.zeros(1, 1, self.fuse_size, self.fuse_size))
+        self.register_buffer("pos_mean", torch.zeros(1, 1, *self.fuse_size))
         # per-position spread of good maps (one value everywhere for bundles from before it)
-        self.register_buffer("pos_std", torch.ones(1, 1, self.fuse_size, self.fuse_size))
-        # bilinear resizes as matrix products (not persistent: rebuilt from the config)
+        self.register_buffer("pos_std", torch.ones(1, 1, *self.fuse_size))
+        # bilinear resizes as matrix products, rows and columns (not persistent: rebuilt from the config)
+        fh, fw = self.fuse_size
         for i, stride in enumerate(tap_strides(cfg.taps)):
-            n = cfg.image_size // stride
-            if n != self.fuse_size:
-                self.register_buffer(f"resize_{i}", bilinear_matrix(self.fuse_size, n), persistent=False)
+            if stride != cfg.fuse_stride:
+                self.register_buffer(f"resize_rows_{i}", bilinear_matrix(fh, height // stride), persistent=False)
+                self.register_buffer(f"resize_cols_{i}", bilinear_matrix(fw, width // stride), persistent=False)
         if cfg.fuse_stride != 1:
-            self.register_buffer("upsample", bilinear_matrix(cfg.image_size, self.fuse_size), persistent=False)
+            self.register_buffer("upsample_rows", bilinear_matrix(height, fh), persistent=False)
+            self.register_buffer("upsample_cols", bilinear_matrix(width, fw), persistent=False)
 
     # --- map pieces -------------------------------------------------------------------------
     def _blur_raw(self, m: torch.Tensor) -> torch.Tensor:
@@ -549,13 +564,11 @@ class KDModel(nn.Module):
 
     def scale_maps(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Raw per-scale discrepancy maps at the fusion size: list of (N, 1, h, w)."""
-        size = (self.fuse_size, self.fuse_size)
         out = []
         for i, (t, s) in enumerate(zip(t_feats, s_feats, strict=True)):
             d = self.distance(t, s).unsqueeze(1)
-            if tuple(d.shape[-2:]) != size:
-                r = getattr(self, f"resize_{i}")
-                d = resize_bilinear(d, r, r)
+            if tuple(d.shape[-2:]) != self.fuse_size:
+                d = resize_bilinear(d, getattr(self, f"resize_rows_{i}"), getattr(self, f"resize_cols_{i}"))
             out.append(d)
         return out
 
@@ -571,7 +584,7 @@ class KDModel(nn.Module):
         fused = (self.fuse_raw(maps) - self.pos_mean) / self.pos_std
         if self.cfg.fuse_stride == 1:
             return fused
-        return resize_bilinear(fused, self.upsample, self.upsample)
+        return resize_bilinear(fused, self.upsample_rows, self.upsample_cols)
 
     def image_score(self, amap: torch.Tensor) -> torch.Tensor:
         flat = amap.flatten(1)

@@ -58,7 +58,7 @@ class QuantizeError(RuntimeError):
     """Quantisation could not be done; the message says what to do."""
 
 
-def calibration_images(meta: dict[str, Any], size: int, images_dir: Path | None, n: int) -> np.ndarray:
+def calibration_images(meta: dict[str, Any], size: tuple[int, int], images_dir: Path | None, n: int) -> np.ndarray:
     """Good-part images: the folder given, else the bundle's training data. Spread over the folder."""
     from engines.data import DatasetError, good_training_images, list_images, load_images
 
@@ -144,7 +144,7 @@ def quantize_bundle(bundle: Path, images_dir: Path | None = None, n_images: int 
     bundle = Path(bundle)
     meta = bundle_mod.read_meta(bundle)
     onnx_path = onnx_path_checked(bundle, meta)
-    size = bundle_mod.input_size(meta)
+    size = bundle_mod.input_hw(meta)
     images = calibration_images(meta, size, images_dir, n_images + HELD_OUT)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))
@@ -178,7 +178,7 @@ def quantize_bundle(bundle: Path, images_dir: Path | None = None, n_images: int 
 
     def compiled(m, hint):
         m = m.clone()
-        m.reshape({m.input(0).any_name: [1, size, size, 3]})
+        m.reshape({m.input(0).any_name: [1, *size, 3]})
         return core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": hint})
 
     # measured as the runtime will run it (head in bf16 where this CPU has it) against exact f32

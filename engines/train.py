@@ -10,7 +10,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -18,7 +18,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines import bundle as bundle_mod
-from engines.data import DatasetError, good_training_images, load_images, split_holdout
+from engines.data import (
+    DatasetError,
+    good_training_images,
+    image_aspects,
+    keep_aspect_input,
+    load_images,
+    split_holdout,
+)
 from engines.model import GLOBAL_PREFIX, KDModel, NetConfig
 from engines.teacher import DEFAULT_TAPS, INPUT_MEAN, INPUT_STD, build_teacher, default_weights_path, normalize_input
 
@@ -30,7 +37,20 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image_size: int = Field(256, ge=64, le=1024, description="square model input size in pixels (multiple of 16)")
+    image_size: int = Field(
+        256,
+        ge=64,
+        le=1024,
+        description="model input size in pixels (multiple of 16): the square's side; with image_width a number, "
+        "the height; with image_width auto, the side of a square of the same area",
+    )
+    image_width: Annotated[int, Field(ge=64, le=2048)] | Literal["auto", "square"] | None = Field(
+        "auto",
+        description="model input width in pixels (multiple of 16) for parts whose images are not square; "
+        "auto: when the training images share one aspect ratio (90 % within 10 % of their median) of at least "
+        "1.25 : 1, an input of about image_size x image_size pixels at that ratio, else a square; "
+        "square (or None): always a square image_size x image_size",
+    )
     seed: int = Field(0, description="seed for the split, initialisation and batch order")
     epochs: int = Field(20, ge=1, description="passes over the training images")
     batch_size: int = Field(8, ge=1, description="images per optimiser step")
@@ -117,6 +137,8 @@ class TrainConfig(BaseModel):
         weights = tuple(self.scale_weights) if self.scale_weights else (1.0,) * len(self.taps)
         cfg = NetConfig(
             image_size=self.image_size,
+            # resolve_input decides auto from the training images; unresolved, auto is a square
+            image_width=self.image_width if isinstance(self.image_width, int) else None,
             taps=tuple(sorted(self.taps)),
             simam=self.simam,
             sspcab=self.sspcab,
@@ -135,6 +157,21 @@ class TrainConfig(BaseModel):
         )
         cfg.validate()
         return cfg
+
+
+def resolve_input(cfg: TrainConfig, paths: list[Path]) -> tuple[TrainConfig, str]:
+    """``cfg`` with ``image_width: auto`` decided from the training images ``paths`` (the one place
+    that decides it), and a line saying what was chosen and why."""
+    if cfg.image_width in ("square", None):
+        return cfg.model_copy(update={"image_width": None}), "image_width square"
+    if cfg.image_width != "auto":
+        return cfg, f"image_width {cfg.image_width}"
+    from engines.teacher import tap_strides
+
+    hw, why = keep_aspect_input(image_aspects(paths), cfg.image_size, 2 * max(tap_strides(cfg.taps)))
+    if hw is None:
+        return cfg.model_copy(update={"image_width": None}), f"image_width auto: {why}"
+    return cfg.model_copy(update={"image_size": hw[0], "image_width": hw[1]}), f"image_width auto: {why}"
 
 
 def load_train_config(path: Path | None, **overrides: Any) -> TrainConfig:
@@ -464,9 +501,9 @@ class TeacherCache:
     def shapes(model: KDModel) -> list[tuple[int, int, int]]:
         from engines.teacher import tap_channels, tap_strides
 
-        size = model.cfg.image_size
+        h, w = model.cfg.input_hw()
         taps = model.cfg.taps
-        return [(c, size // s, size // s) for c, s in zip(tap_channels(taps), tap_strides(taps), strict=True)]
+        return [(c, h // s, w // s) for c, s in zip(tap_channels(taps), tap_strides(taps), strict=True)]
 
     @staticmethod
     def nbytes(model: KDModel, n_images: int, n_codes: int) -> int:
@@ -517,10 +554,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = pick_device(cfg.device)
-    net_cfg = cfg.net_config()
-    if cfg.crop_size is not None and (cfg.crop_size % 16 or cfg.crop_size > cfg.image_size):
-        msg = f"crop_size must be a multiple of 16 and at most image_size ({cfg.image_size}), got {cfg.crop_size}"
-        raise ValueError(msg)
+    cfg.net_config()  # a bad setting fails before any image is read
     out = Path(out)
     if out.exists() and not out.is_dir():
         msg = f"output path {out} exists and is not a folder"
@@ -529,12 +563,19 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
     paths = good_training_images(Path(data))
     if cfg.max_train_images:
         paths = paths[: cfg.max_train_images]
+    cfg, input_note = resolve_input(cfg, paths)
+    net_cfg = cfg.net_config()
+    size = net_cfg.input_hw()
+    log.info("model input %d x %d (height x width): %s", *size, input_note)
+    if cfg.crop_size is not None and (cfg.crop_size % 16 or cfg.crop_size > min(size)):
+        msg = f"crop_size must be a multiple of 16 and at most the input's sides ({size}), got {cfg.crop_size}"
+        raise ValueError(msg)
     train_paths, val_paths = split_holdout(paths, cfg.val_fraction, cfg.seed)
     if not val_paths:
         val_paths = train_paths  # val_fraction 0: statistics from training images (noted in model.json)
     log.info("loading %d training + %d validation images from %s", len(train_paths), len(val_paths), data)
-    train_imgs = load_images(train_paths, cfg.image_size)
-    val_imgs = load_images(val_paths, cfg.image_size)
+    train_imgs = load_images(train_paths, size)
+    val_imgs = load_images(val_paths, size)
 
     weights_path = cfg.teacher_weights or default_weights_path()
     teacher, teacher_sha = build_teacher(weights_path, net_cfg.teacher_taps())
@@ -623,11 +664,12 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
         "created_at": bundle_mod.utc_now(),
         "kind": "student-teacher-kd",
         "input": {
-            "height": cfg.image_size,
-            "width": cfg.image_size,
+            "height": size[0],
+            "width": size[1],
             "channels": 3,
             "color": "rgb",
             "resize": "area when shrinking, linear when enlarging (engines.data.preprocess)",
+            "chosen_by": input_note,
         },
         "normalization": {"mean": INPUT_MEAN, "std": INPUT_STD},
         "teacher": {
@@ -668,7 +710,7 @@ def refit_global_term(bundle: Path, global_taps: list[int], global_grid: int | N
     bundle = Path(bundle)
     meta = bundle_mod.read_meta(bundle)
     training = meta.get("training") or {}
-    cfg = TrainConfig(**(training.get("config") or {}))
+    cfg = TrainConfig(**{"image_width": None, **(training.get("config") or {})})  # before image_width: square
     cfg.global_taps = list(global_taps)
     if global_grid is not None:
         cfg.global_grid = global_grid
@@ -689,9 +731,9 @@ def refit_global_term(bundle: Path, global_taps: list[int], global_grid: int | N
     if cfg.max_train_images:
         paths = paths[: cfg.max_train_images]
     train_paths, val_paths = split_holdout(paths, cfg.val_fraction, cfg.seed)
-    val_imgs = load_images(val_paths or train_paths, cfg.image_size)
+    val_imgs = load_images(val_paths or train_paths, net_cfg.input_hw())
     if net_cfg.global_taps:
-        stats |= fit_global_term(model, load_images(train_paths, cfg.image_size), val_imgs)
+        stats |= fit_global_term(model, load_images(train_paths, net_cfg.input_hw()), val_imgs)
     stats["good_score"] = good_score_summary(model, val_imgs)
     meta["net"] = net_cfg.to_json()
     meta["map_stats"] = stats
@@ -731,6 +773,7 @@ def main_train(args) -> int:
             args.config,
             epochs=args.epochs,
             image_size=args.image_size,
+            image_width=args.image_width,
             seed=args.seed,
             device=args.device,
             teacher_weights=args.teacher_weights,

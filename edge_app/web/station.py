@@ -49,7 +49,7 @@ class ModelInfo:
     precision: str
     describe: str
     model_sha256: str
-    image_size: int
+    image_size: str  # "W x H" of the model input
     net: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     accuracy: dict[str, Any] | None = None  # <bundle>/eval/metrics.json when the bundle has been evaluated
@@ -145,7 +145,7 @@ class Station:
             precision=_precision(svc.cfg.model),
             describe=rt.describe(),
             model_sha256=rt.model_sha256,
-            image_size=int(rt.size),
+            image_size=f"{rt.size[1]} x {rt.size[0]}",
             net=dict(meta.get("net") or {}),
             training={k: v for k, v in (meta.get("training") or {}).items() if not isinstance(v, (list, dict))},
             accuracy=acc,

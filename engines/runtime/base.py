@@ -56,13 +56,13 @@ class Runtime(ABC):
     def __init__(self, bundle: Path, meta: dict[str, Any]):
         self.bundle = Path(bundle)
         self.meta = meta
-        self.size = bundle_mod.input_size(meta)
+        self.size = bundle_mod.input_hw(meta)  # (height, width), what engines.data.preprocess takes
         self.max_batch = 64
 
     # --- description ---------------------------------------------------------------------
     @property
     def input_shape(self) -> tuple[str | int, int, int, int]:
-        return ("batch", self.size, self.size, 3)
+        return ("batch", *self.size, 3)
 
     @property
     def input_dtype(self) -> np.dtype:
@@ -90,10 +90,10 @@ class Runtime(ABC):
             raise InputError(msg)
         if batch.ndim == 3:
             batch = batch[None]
-        expected = (self.size, self.size, 3)
+        expected = (*self.size, 3)
         if batch.ndim != 4 or batch.shape[1:] != expected:
             msg = (
-                f"{self.name}: expected shape (N, {self.size}, {self.size}, 3) (NHWC RGB), got {batch.shape}; "
+                f"{self.name}: expected shape (N, {self.size[0]}, {self.size[1]}, 3) (NHWC RGB), got {batch.shape}; "
                 f"resize with engines.data.preprocess(image, {self.size})"
             )
             raise InputError(msg)
@@ -120,7 +120,7 @@ class Runtime(ABC):
         return np.concatenate(maps), np.concatenate(scores)
 
     def warmup(self, n: int = 3) -> None:
-        x = np.zeros((1, self.size, self.size, 3), np.uint8)
+        x = np.zeros((1, *self.size, 3), np.uint8)
         for _ in range(n):
             self(x)
 

@@ -88,7 +88,7 @@ class OpenVinoRuntime(Runtime):
             return hit
         try:
             model = self.model.clone()
-            model.reshape({self._input_name: [batch, self.size, self.size, 3]})
+            model.reshape({self._input_name: [batch, *self.size, 3]})
             compiled = self.core.compile_model(model, self._device, self.config)
         except Exception as exc:
             msg = f"openvino could not compile {self.path} on {self._device}: {str(exc).strip().splitlines()[0]}"

@@ -130,7 +130,7 @@ class BuildSpec:
     """What one engine build needs, decided by ``build_engine`` before any TensorRT call."""
 
     onnx_path: Path
-    size: int
+    size: tuple[int, int]  # the input's (height, width)
     precision: str
     strongly_typed: bool
     workspace_mb: int
@@ -157,7 +157,7 @@ def _build(cuda, logger, spec: BuildSpec) -> tuple[bytes, Path, bytes]:
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.workspace_mb) << 20)
         profile = builder.create_optimization_profile()
-        shape = (spec.size, spec.size, 3)
+        shape = (*spec.size, 3)
         profile.set_shape(INPUT, (1, *shape), (spec.opt_batch, *shape), (spec.max_batch, *shape))
         config.add_optimization_profile(profile)
         if not spec.strongly_typed and spec.precision == "fp16":
@@ -214,7 +214,7 @@ def build_engine(
     meta = bundle_mod.read_meta(bundle)
     onnx_path = onnx_path_checked(bundle, meta)
     onnx_sha = meta["onnx"]["sha256"]
-    size = bundle_mod.input_size(meta)
+    size = bundle_mod.input_hw(meta)
     major = trt_major()
     if major < 10:
         msg = f"TensorRT {trt.__version__} is too old: lineinspect needs TensorRT 10 or newer"
@@ -265,7 +265,7 @@ def build_engine(
         "min_batch": 1,
         "opt_batch": opt_batch,
         "max_batch": max_batch,
-        "input": {"name": INPUT, "dtype": "uint8", "layout": "NHWC", "size": size},
+        "input": {"name": INPUT, "dtype": "uint8", "layout": "NHWC", "size": list(size)},
         "plan_sha256": bundle_mod.sha256_file(plan_path),
         "built_at": bundle_mod.utc_now(),
         "build_seconds": round(time.perf_counter() - t0, 1),
@@ -352,7 +352,7 @@ class TensorRTRuntime(Runtime):
             self.max_batch = int(max_shape[0])
             self.host: dict[str, np.ndarray] = {}
             self.dev: dict[str, int] = {}
-            per_image = {INPUT: (self.size, self.size, 3), "anomaly_map": (self.size, self.size), "score": ()}
+            per_image = {INPUT: (*self.size, 3), "anomaly_map": self.size, "score": ()}
             for name in names:
                 dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
                 shape = (self.max_batch, *per_image[name])
@@ -377,8 +377,8 @@ class TensorRTRuntime(Runtime):
             raise ValueError(msg)
         with self._lock, self.cuda:
             self.host[INPUT][:n] = batch
-            if not self.context.set_input_shape(INPUT, (n, self.size, self.size, 3)):
-                msg = f"TensorRT rejected input shape {(n, self.size, self.size, 3)}"
+            if not self.context.set_input_shape(INPUT, (n, *self.size, 3)):
+                msg = f"TensorRT rejected input shape {(n, *self.size, 3)}"
                 raise RuntimeError(msg)
             self.cuda.htod(self.dev[INPUT], self.host[INPUT][:n])
             if not self.context.execute_async_v3(self.cuda.stream_handle):

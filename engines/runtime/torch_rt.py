@@ -82,7 +82,7 @@ class TorchRuntime(Runtime):
     def _graph_for(self, n: int):
         if n in self._graphs:
             return self._graphs[n]
-        static_in = torch.zeros((n, self.size, self.size, 3), dtype=torch.uint8, device=self.dev)
+        static_in = torch.zeros((n, *self.size, 3), dtype=torch.uint8, device=self.dev)
         # warm up on a side stream (cuDNN autotuning, lazy allocations) before capture
         self._stream.wait_stream(torch.cuda.current_stream(self.dev))
         with torch.cuda.stream(self._stream):

@@ -93,7 +93,7 @@ def test_patchcore_peer_by_hand():
     rng = np.random.default_rng(0)
     good = np.stack([render(rng, 64, None)[0] for _ in range(8)])
     bad = np.stack([render(rng, 64, d)[0] for d in ("scratch", "spot", "dent", "scratch")])
-    pc = PatchCore(PatchCoreConfig(image_size=64, coreset_ratio=0.25, batch_size=4)).fit(good)
+    pc = PatchCore(PatchCoreConfig(coreset_ratio=0.25, batch_size=4)).fit(good)
     assert pc.bank.shape[1] == 40 + 112 and len(pc.bank) == round(0.25 * 8 * 8 * 8)
     maps, scores = pc.predict(np.concatenate([good[:4], bad]))
     assert maps.shape == (8, 64, 64)
