@@ -77,7 +77,7 @@ def main() -> int:
         "miss_rate_all": round(miss_all, 4),
         "machine": machine_name(),
         "model": model_label(args.bundle),
-        "default": is_default(args.bundle, size),
+        "default": is_default(args.bundle),
     }
     print(f"machine: {row['machine']}")
     print(f"{data.name}: {len(good_scores)} held-out good parts -> threshold {thr.threshold:.4f} ({thr.method})")

@@ -311,7 +311,7 @@ def main() -> int:
         }
         rows.append(run_case(bench, "pylon", pylon_cam, args.pylon_frames, 120))
         for r in rows:
-            r["model"], r["default"] = model_label(bundle), is_default(bundle, args.size)
+            r["model"], r["default"] = model_label(bundle), is_default(bundle)
     finally:
         broker.terminate()
         broker.wait(10)

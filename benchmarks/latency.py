@@ -40,7 +40,7 @@ RSS_SCRIPT = r"""
 import sys, numpy as np
 from engines.runtime import load_runtime
 rt = load_runtime(sys.argv[2], sys.argv[1], threads=int(sys.argv[3]))
-x = np.zeros((1, rt.size, rt.size, 3), np.uint8)
+x = np.zeros((1, *rt.size, 3), np.uint8)
 for _ in range(50):
     rt(x)
 assert "torch" not in sys.modules, "torch was imported"
@@ -67,6 +67,7 @@ def ensure_bundle(path: Path | None, size: int, overrides: dict | None = None, n
 
             export_bundle(path)
         return path
+    from engines.model import NetConfig
     from engines.train import TrainConfig, train
 
     cfg = TrainConfig(image_size=size, epochs=1, num_threads=2, **(overrides or {}))
@@ -77,7 +78,7 @@ def ensure_bundle(path: Path | None, size: int, overrides: dict | None = None, n
         per_position = isinstance(cached.get("map_stats", {}).get("pos_std"), list)
         if (
             cached.get("onnx")
-            and cached.get("net") == cfg.net_config().to_json()
+            and NetConfig.from_json(cached.get("net", {})).to_json() == cfg.net_config().to_json()
             and per_position == (cfg.position_spread_images > 0)
         ):
             return work
@@ -94,7 +95,7 @@ def ensure_bundle(path: Path | None, size: int, overrides: dict | None = None, n
 
 def time_runtime(rt, batch: int, repeats: int) -> list[float]:
     """``repeats`` timed calls (ms) on one fixed random batch."""
-    x = np.random.default_rng(0).integers(0, 256, (batch, rt.size, rt.size, 3), dtype=np.uint8)
+    x = np.random.default_rng(0).integers(0, 256, (batch, *rt.size, 3), dtype=np.uint8)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -157,20 +158,20 @@ def model_label(bundle: Path) -> str:
     shape = "reverse" if student == "reverse" else f"forward x{net.get('student_expand', 6)}"
     grid = f" grid {net['global_grid']}" if net.get("global_grid") else ""
     term = f", global term {','.join(str(t) for t in net['global_taps'])}{grid}" if net.get("global_taps") else ""
-    return f"{bundle.name} (taps {taps}, {shape} student, {net.get('distance', 'cosine')}{term})"
+    wide = f", input {net['image_size']} x {net['image_width']}" if net.get("image_width") else ""
+    return f"{bundle.name} (taps {taps}, {shape} student, {net.get('distance', 'cosine')}{term}{wide})"
 
 
-def is_default(bundle: Path, size: int | tuple[int, int]) -> bool:
-    """True when the bundle's network is the one ``lineinspect train`` ships, at input ``size`` (one
-    side or (height, width); which input train chooses depends on the training images)."""
-    from engines.data import hw
+def is_default(bundle: Path) -> bool:
+    """True when the bundle's network is the one ``lineinspect train`` ships, at the bundle's own
+    input (which input train chooses depends on the training images: ``image_width: auto``)."""
     from engines.model import NetConfig
     from engines.train import TrainConfig
 
     net = NetConfig.from_json(json.loads((bundle / "model.json").read_text())["net"])  # older keys filled in
-    h, w = hw(size)
+    h, w = net.input_hw()
     shipped = TrainConfig(image_size=h, image_width="square" if w == h else w).net_config()
-    return net.input_hw() == (h, w) and net.to_json() == shipped.to_json()
+    return net.to_json() == shipped.to_json()
 
 
 def main() -> int:
@@ -261,7 +262,7 @@ def main() -> int:
                     else None,
                     "machine": machine,
                     "model": model_label(bundle),
-                    "default": is_default(bundle, args.size),
+                    "default": is_default(bundle),
                 }
             )
             print(f"  {backend:<12} {rt.device:<40} b{b:<3} median {med:7.2f} ms  p99 {p99:7.2f} ms", flush=True)
@@ -269,7 +270,8 @@ def main() -> int:
         rt.close()
     rows = torch_rows + rows
 
-    print(f"\nmachine: {machine}; input {args.size}x{args.size} uint8; {args.threads} CPU threads")
+    sizes = sorted({" x ".join(map(str, rt.size)) for *_, rt in loaded} or {f"{args.size} x {args.size}"})
+    print(f"\nmachine: {machine}; input {', '.join(sizes)} uint8 (height x width); {args.threads} CPU threads")
     head = f"{'model':<48}{'backend':<12}{'device':<36}{'batch':>6}{'median ms':>11}{'p99 ms':>9}{'img/s':>9}"
     print(f"{head}{'RSS MB':>8}")
     for r in rows:

@@ -240,14 +240,14 @@ class ReverseStudent(nn.Module):
         # decoder stages from the deepest tap to the finest; stage i upsamples 2x per octave
         self.stages = nn.ModuleList()
         self.heads = nn.ModuleList()
+        height, width = cfg.input_hw()
         c_cur, at = w, deep * 2  # the embedding's stride
         for stage, (c, s) in enumerate(zip(reversed(chans), reversed(strides), strict=True)):
             c_out = max(w // 2 ** (stage + 1), 16)
             layers = []
             while at > s:
                 at //= 2
-                h, w = cfg.input_hw()
-                layers.append(_Upsample2x(h // at, w // at))
+                layers.append(_Upsample2x(height // at, width // at))
             layers += [_conv_bn_relu(c_cur, c_out), _conv_bn_relu(c_out, c_out)]
             self.stages.append(nn.Sequential(*layers))
             self.heads.append(nn.Conv2d(c_out, c, 1))

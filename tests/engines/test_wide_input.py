@@ -149,3 +149,17 @@ def test_accuracy_rows_are_default_only_at_the_input_train_chooses_for_their_set
     assert accuracy.is_default(wide, shipped, (160, 416)) and not accuracy.is_default(square, shipped, (160, 416))
     assert accuracy.is_default(square, shipped, None) and not accuracy.is_default(wide, shipped, None)
     assert accuracy._key(wide) != accuracy._key(square)  # neither row replaces the other
+
+
+def test_the_input_changes_no_weight_shape():
+    """Only the fixed resize matrices depend on the input: a wide network has the square one's weights."""
+    from engines.model import KDModel, NetConfig
+    from engines.train import build_teacher
+
+    shapes = []
+    for width in (None, 160):
+        cfg = NetConfig(image_size=64, image_width=width, global_taps=(10,), global_grid=3)
+        model = KDModel(build_teacher(None, cfg.teacher_taps())[0], cfg)
+        shapes.append({k: tuple(v.shape) for k, v in model.student.state_dict().items()})
+    assert shapes[0] == shapes[1]
+    assert shapes[0]["heads.1.weight"] == (40, 48, 1, 1)  # reverse_width 192: decoder widths 96 / 48 / 24
