@@ -6,8 +6,9 @@
 For every backend (``openvino:bf16`` selects a precision) it scores the whole test split and prints
 image AUROC, pixel AUROC, AU-PRO and the largest |map| and |score| difference from torch fp32 on the
 same images. The reduced-precision backends are opt-in because of this table: a faster backend is
-only worth it when these numbers stay put. Writes benchmarks/results/backend_accuracy.json (rows of
-other bundles, datasets or backends already in the file are kept).
+only worth it when these numbers stay put. Writes benchmarks/results/backend_accuracy.json: rows of
+other bundles, datasets or backends already in the file are kept, rows of this bundle measured on
+another ONNX graph (a retrained bundle of the same name) are dropped.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def main() -> int:
     from engines.evaluate import metric_rows, score_items
 
     meta = bundle_mod.read_meta(args.bundle)
+    onnx_sha = (meta.get("onnx") or {}).get("sha256")
+    if onnx_sha is None:
+        print(
+            f"{args.bundle} has no ONNX export: run `lineinspect export --bundle {args.bundle}` first", file=sys.stderr
+        )
+        return 2
     size = bundle_mod.input_hw(meta)
     items = eval_items(args.data)
     machine = machine_name()
@@ -85,6 +92,7 @@ def main() -> int:
             "bundle": args.bundle.name,
             "taps": meta["net"]["taps"],
             "student_expand": meta["net"].get("student_expand", 6),
+            "onnx_sha256": onnx_sha,
             "dataset": args.data.name,
             "backend": spec,
             "device": device,
@@ -112,17 +120,28 @@ def main() -> int:
             f"{f(r['max_abs_map_diff_vs_torch']):>11}{f(r['max_abs_score_diff_vs_torch']):>12}"
         )
     old = json.loads(args.results.read_text()) if args.results.is_file() else []
-
-    # replace only the rows this run measured: the same bundle, dataset, network and backend
-    def row_key(r: dict) -> tuple:
-        net = (tuple(r.get("taps") or ()), r.get("student_expand", 6))
-        return r.get("bundle"), r.get("dataset"), net, r.get("backend")
-
-    ran = {row_key(r) for r in rows}
-    keep = [r for r in old if row_key(r) not in ran]
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(keep + rows, indent=2) + "\n")
+    args.results.write_text(json.dumps(merge_rows(old, rows), indent=2) + "\n")
     return 0
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """The results file after a run: the new rows replace the rows of the same bundle, dataset and
+    backend, and every row of that bundle and dataset measured on another graph goes too.
+
+    A bundle is named by its directory, and a retrained bundle keeps the name: its ONNX sha256 is
+    what tells the graphs apart, so a row without it (older runs) or with another one describes a
+    network that is no longer there and must not stand beside the new rows."""
+    ran = {(r["bundle"], r["dataset"]): r["onnx_sha256"] for r in new}
+    backends = {(r["bundle"], r["dataset"], r["backend"]) for r in new}
+
+    def stale(r: dict) -> bool:
+        key = (r.get("bundle"), r.get("dataset"))
+        if key not in ran:
+            return False
+        return r.get("onnx_sha256") != ran[key] or (*key, r.get("backend")) in backends
+
+    return [r for r in old if not stale(r)] + list(new)
 
 
 if __name__ == "__main__":

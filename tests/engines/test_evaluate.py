@@ -246,3 +246,31 @@ def test_region_map_rows_by_hand():
     part[0, :, 2] += 6.0  # row 2 is off in every channel
     row = g.distances(part)[0]
     assert row.argmax() == 2 and row[2] > 5 and np.all(np.delete(row, 2) < 4)
+
+
+def test_backend_accuracy_drops_rows_of_a_retrained_bundle_of_the_same_name():
+    from backend_accuracy import merge_rows
+
+    def row(bundle, dataset, backend, sha, img):
+        return {"bundle": bundle, "dataset": dataset, "backend": backend, "onnx_sha256": sha, "image_auroc": img}
+
+    old = [
+        row("mt-s0", "magnetic_tile", "torch", "a" * 64, 0.90),
+        row("mt-s0", "magnetic_tile", "openvino:int8", "a" * 64, 0.96),  # the old graph, not re-run
+        {"bundle": "mt-s0", "dataset": "magnetic_tile", "backend": "openvino:bf16", "image_auroc": 0.95},  # no sha
+        row("mt-s0", "other_set", "torch", "a" * 64, 0.80),  # another dataset: kept
+        row("bsd-s0", "ball_screw_drive", "torch", "c" * 64, 0.95),  # another bundle: kept
+    ]
+    new = [row("mt-s0", "magnetic_tile", "torch", "b" * 64, 0.98)]
+    merged = merge_rows(old, new)
+    assert [(r["bundle"], r["dataset"], r["backend"], r["image_auroc"]) for r in merged] == [
+        ("mt-s0", "other_set", "torch", 0.80),
+        ("bsd-s0", "ball_screw_drive", "torch", 0.95),
+        ("mt-s0", "magnetic_tile", "torch", 0.98),
+    ]
+    # the same graph measured again on one backend keeps its other backends' rows
+    again = merge_rows([*merged, row("mt-s0", "magnetic_tile", "onnxruntime", "b" * 64, 0.98)], new)
+    assert [(r["backend"], r["image_auroc"]) for r in again if r["dataset"] == "magnetic_tile"] == [
+        ("onnxruntime", 0.98),
+        ("torch", 0.98),
+    ]
