@@ -63,12 +63,12 @@ def main() -> int:
     from engines.evaluate import metric_rows, score_items
 
     meta = bundle_mod.read_meta(args.bundle)
-    onnx_sha = (meta.get("onnx") or {}).get("sha256")
-    if onnx_sha is None:
-        print(
-            f"{args.bundle} has no ONNX export: run `lineinspect export --bundle {args.bundle}` first", file=sys.stderr
-        )
+    try:  # the rows are keyed by the export's sha256: no export (or a broken one), no rows
+        bundle_mod.artifact_files(args.bundle, meta, "onnx")
+    except bundle_mod.ArtifactError as exc:
+        print(exc, file=sys.stderr)
         return 2
+    onnx_sha = meta["onnx"]["sha256"]
     size = bundle_mod.input_hw(meta)
     items = eval_items(args.data)
     machine = machine_name()
