@@ -615,6 +615,15 @@ class KDModel(nn.Module):
         total = kd + self.sspcab_lambda * rec
         return {"loss": total, "kd_loss": kd.detach(), "sspcab_loss": rec.detach()}
 
+    def synthetic_loss(
+        self, xn_bad: torch.Tensor, t_bad: list[torch.Tensor], t_clean: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """The distillation loss of the student fed a synthetically defective image (``xn_bad``, the
+        teacher's features of it ``t_bad``) against the teacher's features of the clean image: the
+        student learns to rebuild a good part whatever region is off (``engines.corrupt``)."""
+        s_feats, _ = self.student(xn_bad if self.cfg.student != "reverse" else None, t_bad)
+        return self.kd_loss(t_clean, s_feats)
+
     def forward(self, x: torch.Tensor):
         if self.training:
             xn = normalize_input(x)

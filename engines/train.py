@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines import bundle as bundle_mod
+from engines.corrupt import corrupt_batch
 from engines.data import (
     DatasetError,
     good_training_images,
@@ -82,6 +83,14 @@ class TrainConfig(BaseModel):
     simam: bool = Field(True, description="SimAM attention on the student's tapped stages")
     sspcab: bool = Field(True, description="SSPCAB block in the student's deepest stage")
     sspcab_lambda: float = Field(0.1, ge=0, description="weight of SSPCAB's reconstruction loss")
+    synthetic_defects: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="per optimiser step, this fraction of the batch again with a synthetic defect (engines.corrupt): "
+        "the student must rebuild the clean image's teacher features from the defective image's (0: off)",
+    )
+    synthetic_lambda: float = Field(1.0, ge=0, description="weight of the synthetic-defect loss")
     sspcab_after_block: int | None = Field(None, description="block whose output SSPCAB sees (None: deepest-1)")
     taps: list[int] = Field(default_factory=lambda: list(DEFAULT_TAPS), description="teacher blocks to tap")
     student_expand: int = Field(
@@ -477,6 +486,30 @@ def _augment(batch: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return np.stack([_flip(img, int(c)) for img, c in zip(batch, codes, strict=True)])
 
 
+def _add_synthetic(
+    model: KDModel,
+    out_d: dict[str, torch.Tensor],
+    batch: np.ndarray,
+    codes: np.ndarray,
+    cache: TeacherCache | None,
+    idx: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    pool: np.ndarray,
+    weight: float,
+) -> dict[str, torch.Tensor]:
+    """The step's losses plus the synthetic-defect loss of the batch's first ``n`` images (as flipped)."""
+    device = next(model.student.parameters()).device
+    clean = _augment(batch[:n], codes[:n])
+    if cache is not None:
+        target = cache.take(idx[:n], codes[:n])
+    else:
+        target = model.teacher_features(normalize_input(to_tensor(clean, device)))
+    bad = normalize_input(to_tensor(corrupt_batch(clean, rng, pool), device))
+    syn = model.synthetic_loss(bad, model.teacher_features(bad), target)
+    return out_d | {"loss": out_d["loss"] + weight * syn, "synthetic_loss": syn.detach()}
+
+
 class TeacherCache:
     """The frozen teacher's (standardised) features of every training image, computed once.
 
@@ -595,6 +628,9 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
         opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
     rng = np.random.default_rng(cfg.seed)
+    # its own generator: training without synthetic defects draws the same batches as before the option
+    syn_rng = np.random.default_rng([cfg.seed, 1])
+    n_synthetic = math.ceil(cfg.synthetic_defects * cfg.batch_size - 1e-9)
     progress = _Progress(total_steps, quiet)
     history: list[dict[str, float]] = []
     best_state = copy.deepcopy(model.student.state_dict())
@@ -604,7 +640,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
         for epoch in range(cfg.epochs):
             model.train()
             order = rng.permutation(len(train_imgs))
-            sums = {"loss": 0.0, "kd_loss": 0.0, "sspcab_loss": 0.0}
+            sums = {"loss": 0.0, "kd_loss": 0.0, "sspcab_loss": 0.0} | ({"synthetic_loss": 0.0} if n_synthetic else {})
             for b in range(steps_per_epoch):
                 idx = np.sort(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
                 batch = train_imgs[idx]
@@ -621,6 +657,10 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
                     out_d = model.training_losses(xn, cache.take(idx, codes))
                 else:
                     out_d = model(to_tensor(_augment(batch, codes), device))
+                if n_synthetic:
+                    out_d = _add_synthetic(
+                        model, out_d, batch, codes, cache, idx, n_synthetic, syn_rng, train_imgs, cfg.synthetic_lambda
+                    )
                 opt.zero_grad(set_to_none=True)
                 out_d["loss"].backward()
                 opt.step()
