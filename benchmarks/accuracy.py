@@ -71,6 +71,9 @@ NET_KEYS = (
     "global_taps",
     "reverse_width",
     "global_grid",
+    "synthetic_defects",
+    "synthetic_lambda",
+    "val_fraction",
 )
 OLD_DEFAULTS = {
     "global_taps": [],  # rows from before the global term: the map's score alone
@@ -83,6 +86,9 @@ OLD_DEFAULTS = {
     "crop_size": None,
     "lr": 1e-3,
     "position_spread_images": 0,  # rows from before the per-position spread: one spread for the map
+    "synthetic_defects": 0.0,  # rows from before synthetic defects: none
+    "synthetic_lambda": 1.0,
+    "val_fraction": 0.1,  # rows from before it was a benchmark option
 }
 
 
@@ -100,6 +106,9 @@ OPTIONS = (
     "reverse_width",
     "global_grid",
     "image_width",
+    "synthetic_defects",
+    "synthetic_lambda",
+    "val_fraction",
 )
 
 
@@ -194,6 +203,13 @@ def main() -> int:
         type=int,
         help="cells per side of the global term's grid of channel means (0: none, as before; default: the model's)",
     )
+    ap.add_argument(
+        "--synthetic-defects", type=float, help="fraction of each batch shown again with a synthetic defect"
+    )
+    ap.add_argument("--synthetic-lambda", type=float, help="weight of the synthetic-defect loss")
+    ap.add_argument(
+        "--val-fraction", type=float, help="share of the good images held out (calibration, map statistics)"
+    )
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
     ap.add_argument("--peer-coreset", type=float, default=0.01, help="PatchCore coreset ratio")
@@ -235,6 +251,10 @@ def main() -> int:
             if rev and cfg.reverse_width != OLD_DEFAULTS["reverse_width"]:  # tags from before the option: 192 wide
                 rev += f"-w{cfg.reverse_width}"
             wide = f"-{size[0]}x{size[1]}" if cfg.image_width is not None else ""
+            if cfg.synthetic_defects:
+                wide += f"-syn{cfg.synthetic_defects:g}x{cfg.synthetic_lambda:g}"
+            if cfg.val_fraction != OLD_DEFAULTS["val_fraction"]:
+                wide += f"-vf{cfg.val_fraction:g}"
             tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}{wide}-s{cfg.seed}"
             bundle = args.work / tag
             train_s = _reused_seconds(bundle, cfg) if args.reuse else None
@@ -280,6 +300,9 @@ def main() -> int:
                 "global_grid": setting(cfg, "global_grid"),
                 "position_spread_images": cfg.position_spread_images,
                 "crop_size": cfg.crop_size,
+                "synthetic_defects": cfg.synthetic_defects,
+                "synthetic_lambda": cfg.synthetic_lambda,
+                "val_fraction": cfg.val_fraction,
                 "lr": cfg.lr,
                 "seed": cfg.seed,
                 "image_size": size[0],  # the input's height and width (image_width None: a square)
