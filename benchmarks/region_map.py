@@ -11,7 +11,10 @@ position gets its own Gaussian (Ledoit-Wolf, ``engines.gaussian``) fitted on the
 training parts, and a part's row distances, standardised per row on the bundle's held-out good
 parts, are spread back over the width: a "row map". It is scored alone and fused with the
 bundle's map as ``max(ours, w * (row map - c))`` for a few fixed (w, c). The image score stays the
-bundle's (only the pixel metrics move). Prints pixel AUROC / AU-PRO over all defects and per type;
+bundle's (only the pixel metrics move). The same for a per-position Gaussian (PaDiM's model on the
+teacher's deepest tap averaged over N x N neighbours, ``--position-pools``; each position fitted on
+its own and its 8 neighbours' training features, standardised per position on the held-out parts,
+upsampled and smoothed as our map). Prints pixel AUROC / AU-PRO over all defects and per type;
 writes benchmarks/results/region_map.json.
 """
 
@@ -73,6 +76,71 @@ class RowGaussians:
         return (d - self.mean) / self.std if standardise else d
 
 
+def position_features(model, images: np.ndarray, pool: int, batch_size: int = 16) -> np.ndarray:
+    """(N, C, h, w) float32: the deepest distillation tap, averaged over ``pool`` x ``pool`` neighbours."""
+    import torch
+    import torch.nn.functional as F
+
+    from engines.teacher import normalize_input
+    from engines.train import to_tensor
+
+    at = model.cfg.teacher_taps().index(model.cfg.taps[-1])
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            f = model.teacher(normalize_input(to_tensor(images[i : i + batch_size], torch.device("cpu"))))[at]
+            if pool > 1:
+                f = F.avg_pool2d(f, pool, 1, pool // 2, count_include_pad=False)
+            out.append(f.float().numpy())
+    return np.concatenate(out)
+
+
+class PositionGaussians:
+    """One Gaussian per map position (PaDiM's model, on the teacher's features), fitted on the
+    training parts' features at that position and its 3 x 3 neighbours; distances standardised per
+    position on the held-out good parts."""
+
+    def __init__(self, train: np.ndarray, held_out: np.ndarray):
+        from engines.gaussian import fit_gaussian
+
+        c, h, w = train.shape[1:]
+        self.fits = [
+            [
+                fit_gaussian(
+                    train[:, :, max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].transpose(0, 2, 3, 1).reshape(-1, c)
+                )
+                for x in range(w)
+            ]
+            for y in range(h)
+        ]
+        d = self.distances(held_out, standardise=False)
+        self.mean, self.std = d.mean(axis=0), np.maximum(d.std(axis=0, ddof=1), 1e-12)
+
+    def distances(self, x: np.ndarray, standardise: bool = True) -> np.ndarray:
+        from engines.gaussian import mahalanobis
+
+        d = np.stack(
+            [
+                np.stack([mahalanobis(f, x[:, :, y, i]) for i, f in enumerate(row)], axis=1)
+                for y, row in enumerate(self.fits)
+            ],
+            axis=1,
+        )
+        return (d - self.mean) / self.std if standardise else d
+
+
+def to_image(dist: np.ndarray, size: int | tuple[int, int], sigma: float) -> np.ndarray:
+    """(N, h, w) -> (N, H, W): bilinear to the input size, Gaussian-smoothed (sigma input px, as our map)."""
+    import cv2
+
+    height, width = hw(size)
+    out = np.empty((len(dist), height, width), np.float32)
+    for i, d in enumerate(dist.astype(np.float32)):
+        up = cv2.resize(d, (width, height), interpolation=cv2.INTER_LINEAR)
+        out[i] = cv2.GaussianBlur(up, (0, 0), sigma) if sigma > 0 else up
+    return out
+
+
 def to_map(rows: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """(N, R) row values -> (N, H, W) at the input ``size``: linear along the rows, constant along the width."""
     height, width = hw(size)
@@ -88,6 +156,13 @@ def main() -> int:
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--rows", type=int, default=3, help="rows each row's descriptor is smoothed over")
+    ap.add_argument(
+        "--position-pools",
+        type=int,
+        nargs="*",
+        default=[3, 7],
+        help="also a per-position Gaussian of the deepest tap averaged over N x N neighbours, for each N",
+    )
     ap.add_argument("--results", type=Path, default=HERE / "results" / "region_map.json")
     args = ap.parse_args()
 
@@ -101,16 +176,23 @@ def main() -> int:
     size = model.cfg.input_hw()
     train_paths, held_out = split_holdout(good_training_images(args.data), cfg["val_fraction"], cfg["seed"])
     t0 = time.perf_counter()
-    gauss = RowGaussians(
-        row_descriptors(model, load_images(train_paths, size), args.rows),
-        row_descriptors(model, load_images(held_out, size), args.rows),
-    )
+    train_imgs, held_imgs = load_images(train_paths, size), load_images(held_out, size)
+    gauss = RowGaussians(row_descriptors(model, train_imgs, args.rows), row_descriptors(model, held_imgs, args.rows))
+    positions = {
+        k: PositionGaussians(position_features(model, train_imgs, k), position_features(model, held_imgs, k))
+        for k in args.position_pools
+    }
+    del train_imgs, held_imgs
     fit_s = time.perf_counter() - t0
     items = eval_items(args.data)
     row_maps = []
+    position_maps: dict[int, list[np.ndarray]] = {k: [] for k in positions}
+    sigma = float(model.cfg.blur_sigma)
 
     def ours_and_rows(imgs):  # score_items calls it on each chunk in order
         row_maps.append(to_map(gauss.distances(row_descriptors(model, imgs, args.rows)), size))
+        for k, g in positions.items():
+            position_maps[k].append(to_image(g.distances(position_features(model, imgs, k)), size, sigma))
         return predict(model, imgs)
 
     ours, scores, masks = score_items(items, size, ours_and_rows)
@@ -118,6 +200,11 @@ def main() -> int:
 
     variants = [("ours (the bundle's map)", ours), ("row map alone", rowmap)]
     variants += [(f"max(ours, {w:g} x (row map - {c:g}))", np.maximum(ours, w * (rowmap - c))) for w, c in FUSIONS]
+    for k, parts in position_maps.items():
+        pm = np.concatenate(parts)
+        name = f"position Gaussian {k}x{k}"
+        variants += [(f"{name} alone", pm)]
+        variants += [(f"max(ours, {w:g} x ({name} - {c:g}))", np.maximum(ours, w * (pm - c))) for w, c in FUSIONS]
     machine = machine_name()
     results = []
     print(f"\n{args.data.name}, {args.bundle.name} ({machine}; row Gaussians fitted in {fit_s:.0f} s)")
@@ -139,7 +226,7 @@ def main() -> int:
             }
         )
     out = {"machine": machine, "bundle": args.bundle.name, "data": args.data.name, "rows": args.rows,
-           "variants": results}  # fmt: skip
+           "position_pools": args.position_pools, "variants": results}  # fmt: skip
     old = json.loads(args.results.read_text()) if args.results.is_file() else []
     old = [r for r in old if (r["bundle"], r["data"]) != (out["bundle"], out["data"])]
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -248,6 +248,61 @@ def test_region_map_rows_by_hand():
     assert row.argmax() == 2 and row[2] > 5 and np.all(np.delete(row, 2) < 4)
 
 
+def test_region_map_position_gaussians_by_hand():
+    """region_map.py's per-position Gaussian: each position standardised on the held-out parts; a
+    part off at one position scores high there and near it only; the map upsampled to the input."""
+    from region_map import PositionGaussians, to_image
+
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(300, 4, 6, 5))  # (parts, channels, h, w)
+    held = rng.normal(size=(50, 4, 6, 5))
+    g = PositionGaussians(train, held)
+    d = g.distances(held)
+    assert d.shape == (50, 6, 5)
+    assert np.allclose(d.mean(axis=0), 0, atol=1e-9) and np.allclose(d.std(axis=0, ddof=1), 1)
+    part = rng.normal(size=(1, 4, 6, 5))
+    part[0, :, 4, 1] += 6.0
+    m = g.distances(part)[0]
+    assert np.unravel_index(m.argmax(), m.shape) == (4, 1) and m[4, 1] > 5
+    assert np.all(np.delete(m.ravel(), 4 * 5 + 1) < 4)
+    # positions fitted apart: a channel that is normally high at one position only is normal there
+    shifted = train.copy()
+    shifted[:, 0, 0, 0] += 5.0
+    held2 = held.copy()
+    held2[:, 0, 0, 0] += 5.0
+    g2 = PositionGaussians(shifted, held2)
+    probe = rng.normal(size=(1, 4, 6, 5))
+    probe[0, 0, 0, 0] += 5.0
+    assert g2.distances(probe)[0, 0, 0] < 4
+    up = to_image(np.arange(6.0).reshape(1, 2, 3), (4, 6), sigma=0)
+    assert up.shape == (1, 4, 6) and up[0, 0, 0] == 0.0 and up[0, -1, -1] == 5.0
+
+
+def test_by_image_size_rows_by_hand(tmp_path):
+    """by_image_size.py: defective parts grouped by their file's size, each group's AUROC against all
+    good parts and against the good parts of its own size (None where it has none)."""
+    import cv2
+    from by_image_size import size_rows, source_size
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((5, 9), np.uint8))
+    assert source_size(tmp_path / "a.png") == (9, 5)
+    with pytest.raises(ValueError, match="cannot read image"):
+        source_size(tmp_path / "missing.png")
+    small, big = (10, 4), (20, 8)
+    sizes = [small, small, small, big, small, small, big, big]
+    is_defect = np.array([False, False, False, False, True, True, True, True])
+    scores = np.array([0.0, 1.0, 2.0, 5.0, 1.5, 3.0, 9.0, 9.5])
+    rows = {(r["width"], r["height"]): r for r in size_rows(sizes, is_defect, scores)}
+    assert list(rows) == [small, big] or list(rows) == [big, small]
+    # small defects 1.5 and 3.0 against goods 0, 1, 2, 5: (2 + 3) / 8 pairs won
+    assert rows[small]["auroc_vs_all_good"] == pytest.approx(5 / 8, abs=1e-4)
+    assert rows[small]["auroc_vs_same_size_good"] == pytest.approx(5 / 6, abs=1e-4)  # against 0, 1, 2
+    assert rows[big]["auroc_vs_all_good"] == 1.0 and rows[big]["auroc_vs_same_size_good"] == 1.0
+    assert rows[big]["n_good"] == 1 and rows[big]["n_defect"] == 2
+    only_bad = size_rows([small, big], np.array([False, True]), np.array([0.0, 1.0]))
+    assert only_bad[0]["auroc_vs_same_size_good"] is None
+
+
 def test_backend_accuracy_drops_rows_of_a_retrained_bundle_of_the_same_name():
     from backend_accuracy import merge_rows
 
