@@ -316,7 +316,10 @@ def main() -> int:
         broker.terminate()
         broker.wait(10)
         shutil.rmtree(work, ignore_errors=True)
-    print(f"machine: {machine_name()}; {args.size}x{args.size} model, {args.backend}, {args.threads} threads")
+    from engines.bundle import input_hw, read_meta
+
+    h, w = input_hw(read_meta(bundle))
+    print(f"machine: {machine_name()}; {h}x{w} model, {args.backend}, {args.threads} threads")
     print(
         f"{'camera':<8}{'ui':>3}{'frames':>7}{'verdicts':>9}{'lost':>5}{'verd/s':>8}{'p50 ms':>8}{'p99 ms':>8}"
         f"{'RSS MB':>8}  stage medians ms (queue/pre/infer/decide)  runs verd/s"
@@ -337,9 +340,17 @@ def main() -> int:
             f"with {ui['ui_clients']} live views: {ratio:.1%} of the verdicts/s without "
             f"({ui['ui_events']} events, {ui['ui_pictures']} pictures served; lost {ui['lost']})"
         )
+    old = json.loads(args.results.read_text()) if args.results.is_file() else []
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(rows, indent=2) + "\n")
+    args.results.write_text(json.dumps(merge_rows(old, rows), indent=2) + "\n")
     return 0
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """The file's rows of other networks (another ``model`` label: another network or input) kept,
+    each with its own machine named; this run's rows replace those of the same network."""
+    models = {r["model"] for r in new}
+    return [r for r in old if r.get("model") not in models] + new
 
 
 if __name__ == "__main__":

@@ -303,6 +303,18 @@ def test_by_image_size_rows_by_hand(tmp_path):
     assert only_bad[0]["auroc_vs_same_size_good"] is None
 
 
+def test_e2e_keeps_the_rows_of_other_networks():
+    from e2e import merge_rows
+
+    old = [
+        {"model": "square", "camera": "folder", "machine": "AMD EPYC, 2 cores", "verdicts_per_s": 80.0},
+        {"model": "wide", "camera": "folder", "machine": "AMD EPYC, 2 cores", "verdicts_per_s": 70.0},
+    ]
+    new = [{"model": "wide", "camera": "folder", "machine": "Intel", "verdicts_per_s": 75.0}]
+    merged = merge_rows(old, new)
+    assert [(r["model"], r["verdicts_per_s"]) for r in merged] == [("square", 80.0), ("wide", 75.0)]
+
+
 def test_backend_accuracy_drops_rows_of_a_retrained_bundle_of_the_same_name():
     from backend_accuracy import merge_rows
 
