@@ -38,14 +38,22 @@ def source_size(path: Path) -> tuple[int, int]:
     return int(img.shape[1]), int(img.shape[0])
 
 
-def size_rows(sizes: list[tuple[int, int]], is_defect: np.ndarray, scores: np.ndarray) -> list[dict]:
-    """One row per source size with defective parts, largest group first."""
+def size_rows(
+    sizes: list[tuple[int, int]], is_defect: np.ndarray, scores: np.ndarray, max_groups: int = 12
+) -> list[dict]:
+    """One row per source size with defective parts, largest group first; beyond ``max_groups``
+    sizes, the rest pooled into one row of width and height 0 ("other sizes")."""
     from engines.metrics import auroc
 
     good = ~is_defect
     rows = []
-    for size, _ in Counter(s for s, d in zip(sizes, is_defect, strict=True) if d).most_common():
-        of_size = np.array([s == size for s in sizes])
+    common = Counter(s for s, d in zip(sizes, is_defect, strict=True) if d).most_common()
+    groups = [[size] for size, _ in common[:max_groups]]
+    if len(common) > max_groups:
+        groups.append([size for size, _ in common[max_groups:]])
+    for group in groups:
+        size = group[0] if len(group) == 1 else (0, 0)
+        of_size = np.array([s in group for s in sizes])
         bad = of_size & is_defect
         same_good = of_size & good
         y_all = np.r_[np.zeros(good.sum()), np.ones(bad.sum())]
@@ -86,11 +94,12 @@ def main() -> int:
     overall = auroc(is_defect, scores)
     print(f"\n{args.data.name}, {args.bundle.name} ({machine}): image AUROC {overall:.3f} over all parts")
     goods = Counter(f"{w}x{h}" for (w, h), d in zip(sizes, is_defect, strict=True) if not d)
-    print(f"good parts by size: {dict(goods)}")
+    print(f"good parts: {len(goods)} sizes, the commonest {dict(goods.most_common(5))}")
     print("source size | good | defective | AUROC vs all good | vs good of the same size")
     for r in rows:
         same = "-" if r["auroc_vs_same_size_good"] is None else f"{r['auroc_vs_same_size_good']:.3f}"
-        print(f"{r['width']}x{r['height']} | {r['n_good']} | {r['n_defect']} | {r['auroc_vs_all_good']:.3f} | {same}")
+        name = f"{r['width']}x{r['height']}" if r["width"] else "other sizes"
+        print(f"{name} | {r['n_good']} | {r['n_defect']} | {r['auroc_vs_all_good']:.3f} | {same}")
     out = {"machine": machine, "bundle": args.bundle.name, "data": args.data.name,
            "image_auroc": round(overall, 4), "sizes": rows}  # fmt: skip
     old = json.loads(args.results.read_text()) if args.results.is_file() else []

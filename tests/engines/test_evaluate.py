@@ -301,6 +301,12 @@ def test_by_image_size_rows_by_hand(tmp_path):
     assert rows[big]["n_good"] == 1 and rows[big]["n_defect"] == 2
     only_bad = size_rows([small, big], np.array([False, True]), np.array([0.0, 1.0]))
     assert only_bad[0]["auroc_vs_same_size_good"] is None
+    odd = (30, 12)
+    sizes3 = [*sizes[:7], odd, small]  # one more defect, of a third size (score 0.5)
+    capped = size_rows(sizes3, np.r_[is_defect, True], np.r_[scores, 0.5], max_groups=1)
+    assert [(r["width"], r["n_defect"]) for r in capped] == [(10, 3), (0, 2)]  # big and odd: "other sizes"
+    # other sizes: big's 9.0 and odd's 9.5, above every good part (and above big's own good, 5.0)
+    assert capped[1]["auroc_vs_all_good"] == 1.0 and capped[1]["auroc_vs_same_size_good"] == 1.0
 
 
 def test_e2e_keeps_the_rows_of_other_networks():
