@@ -1,9 +1,12 @@
-"""Names the machine a benchmark ran on (CPU model, cores, GPU when torch sees one)."""
+"""Names the machine a benchmark ran on (CPU model, cores, GPU when torch sees one); merges a
+one-bundle script's entry into its results file."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 
 
 def machine_name() -> str:
@@ -19,3 +22,12 @@ def machine_name() -> str:
     name = f"{cpu}, {os.cpu_count()} cores"
     gpu = os.environ.get("LINEINSPECT_GPU_NAME")
     return f"{name}, {gpu}" if gpu else name
+
+
+def replace_result(path: Path, out: dict) -> None:
+    """Write ``out`` (one bundle on one data set) into the JSON list at ``path``, replacing the
+    entry of the same bundle and data set and keeping the others."""
+    old = json.loads(path.read_text()) if path.is_file() else []
+    old = [r for r in old if (r["bundle"], r["data"]) != (out["bundle"], out["data"])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([*old, out], indent=1) + "\n")

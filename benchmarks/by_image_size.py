@@ -13,7 +13,6 @@ the good parts of the same size, where there are any). Writes benchmarks/results
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _machine import machine_name  # noqa: E402
+from _machine import machine_name, replace_result  # noqa: E402
 
 
 def source_size(path: Path) -> tuple[int, int]:
@@ -102,10 +101,7 @@ def main() -> int:
         print(f"{name} | {r['n_good']} | {r['n_defect']} | {r['auroc_vs_all_good']:.3f} | {same}")
     out = {"machine": machine, "bundle": args.bundle.name, "data": args.data.name,
            "image_auroc": round(overall, 4), "sizes": rows}  # fmt: skip
-    old = json.loads(args.results.read_text()) if args.results.is_file() else []
-    old = [r for r in old if (r["bundle"], r["data"]) != (out["bundle"], out["data"])]
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps([*old, out], indent=1) + "\n")
+    replace_result(args.results, out)
     return 0
 
 

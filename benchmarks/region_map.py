@@ -21,7 +21,6 @@ writes benchmarks/results/region_map.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,30 +31,36 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _machine import machine_name  # noqa: E402
+from _machine import machine_name, replace_result  # noqa: E402
 
 from engines.data import hw  # noqa: E402
 
 FUSIONS = [(0.5, 0.0), (1.0, 0.0), (0.5, 2.0), (1.0, 2.0)]
 
 
-def row_descriptors(model, images: np.ndarray, rows: int, batch_size: int = 16) -> np.ndarray:
-    """(N, C, H) channel means over the width of the deepest distillation tap, smoothed over rows."""
+def deepest_tap(model, images: np.ndarray, batch_size: int = 16):
+    """The teacher's deepest distillation tap of ``images``, one (n, C, h, w) tensor per batch."""
     import torch
-    import torch.nn.functional as F
 
     from engines.teacher import normalize_input
     from engines.train import to_tensor
 
     at = model.cfg.teacher_taps().index(model.cfg.taps[-1])
-    out = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            f = model.teacher(normalize_input(to_tensor(images[i : i + batch_size], torch.device("cpu"))))[at]
-            r = f.mean(dim=3)
-            if rows > 1:
-                r = F.avg_pool1d(r, rows, 1, rows // 2, count_include_pad=False)
-            out.append(r.double().numpy())
+            yield model.teacher(normalize_input(to_tensor(images[i : i + batch_size], torch.device("cpu"))))[at]
+
+
+def row_descriptors(model, images: np.ndarray, rows: int, batch_size: int = 16) -> np.ndarray:
+    """(N, C, H) channel means over the width of the deepest distillation tap, smoothed over rows."""
+    import torch.nn.functional as F
+
+    out = []
+    for f in deepest_tap(model, images, batch_size):
+        r = f.mean(dim=3)
+        if rows > 1:
+            r = F.avg_pool1d(r, rows, 1, rows // 2, count_include_pad=False)
+        out.append(r.double().numpy())
     return np.concatenate(out)
 
 
@@ -78,20 +83,13 @@ class RowGaussians:
 
 def position_features(model, images: np.ndarray, pool: int, batch_size: int = 16) -> np.ndarray:
     """(N, C, h, w) float32: the deepest distillation tap, averaged over ``pool`` x ``pool`` neighbours."""
-    import torch
     import torch.nn.functional as F
 
-    from engines.teacher import normalize_input
-    from engines.train import to_tensor
-
-    at = model.cfg.teacher_taps().index(model.cfg.taps[-1])
     out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            f = model.teacher(normalize_input(to_tensor(images[i : i + batch_size], torch.device("cpu"))))[at]
-            if pool > 1:
-                f = F.avg_pool2d(f, pool, 1, pool // 2, count_include_pad=False)
-            out.append(f.float().numpy())
+    for f in deepest_tap(model, images, batch_size):
+        if pool > 1:
+            f = F.avg_pool2d(f, pool, 1, pool // 2, count_include_pad=False)
+        out.append(f.float().numpy())
     return np.concatenate(out)
 
 
@@ -227,10 +225,7 @@ def main() -> int:
         )
     out = {"machine": machine, "bundle": args.bundle.name, "data": args.data.name, "rows": args.rows,
            "position_pools": args.position_pools, "variants": results}  # fmt: skip
-    old = json.loads(args.results.read_text()) if args.results.is_file() else []
-    old = [r for r in old if (r["bundle"], r["data"]) != (out["bundle"], out["data"])]
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps([*old, out], indent=1) + "\n")
+    replace_result(args.results, out)
     return 0
 
 
