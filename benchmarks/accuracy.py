@@ -250,12 +250,12 @@ def main() -> int:
             rev = "-rd" if cfg.student == "reverse" else ""
             if rev and cfg.reverse_width != OLD_DEFAULTS["reverse_width"]:  # tags from before the option: 192 wide
                 rev += f"-w{cfg.reverse_width}"
-            wide = f"-{size[0]}x{size[1]}" if cfg.image_width is not None else ""
+            more = f"-{size[0]}x{size[1]}" if cfg.image_width is not None else ""  # then the settings added later
             if cfg.synthetic_defects:
-                wide += f"-syn{cfg.synthetic_defects:g}x{cfg.synthetic_lambda:g}"
+                more += f"-syn{cfg.synthetic_defects:g}x{cfg.synthetic_lambda:g}"
             if cfg.val_fraction != OLD_DEFAULTS["val_fraction"]:
-                wide += f"-vf{cfg.val_fraction:g}"
-            tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}{wide}-s{cfg.seed}"
+                more += f"-vf{cfg.val_fraction:g}"
+            tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}{more}-s{cfg.seed}"
             bundle = args.work / tag
             train_s = _reused_seconds(bundle, cfg) if args.reuse else None
             if train_s is None:

@@ -489,22 +489,15 @@ def _augment(batch: np.ndarray, codes: np.ndarray) -> np.ndarray:
 def _add_synthetic(
     model: KDModel,
     out_d: dict[str, torch.Tensor],
-    batch: np.ndarray,
-    codes: np.ndarray,
-    cache: TeacherCache | None,
-    idx: np.ndarray,
-    n: int,
+    clean: np.ndarray,
+    target: list[torch.Tensor],
     rng: np.random.Generator,
     pool: np.ndarray,
     weight: float,
 ) -> dict[str, torch.Tensor]:
-    """The step's losses plus the synthetic-defect loss of the batch's first ``n`` images (as flipped)."""
+    """The step's losses plus the synthetic-defect loss: the student fed ``clean`` (uint8 images,
+    as augmented) with a synthetic defect each, against their clean teacher features ``target``."""
     device = next(model.student.parameters()).device
-    clean = _augment(batch[:n], codes[:n])
-    if cache is not None:
-        target = cache.take(idx[:n], codes[:n])
-    else:
-        target = model.teacher_features(normalize_input(to_tensor(clean, device)))
     bad = normalize_input(to_tensor(corrupt_batch(clean, rng, pool), device))
     syn = model.synthetic_loss(bad, model.teacher_features(bad), target)
     return out_d | {"loss": out_d["loss"] + weight * syn, "synthetic_loss": syn.detach()}
@@ -654,13 +647,16 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
                         if net_cfg.student == "reverse"
                         else normalize_input(to_tensor(_augment(batch, codes), device))
                     )
-                    out_d = model.training_losses(xn, cache.take(idx, codes))
+                    t_feats = cache.take(idx, codes)
                 else:
-                    out_d = model(to_tensor(_augment(batch, codes), device))
+                    xn = normalize_input(to_tensor(_augment(batch, codes), device))
+                    t_feats = model.teacher_features(xn)
+                out_d = model.training_losses(xn, t_feats)
                 if n_synthetic:
-                    out_d = _add_synthetic(
-                        model, out_d, batch, codes, cache, idx, n_synthetic, syn_rng, train_imgs, cfg.synthetic_lambda
-                    )
+                    # the clean targets are this step's teacher features (cached or just computed)
+                    clean = _augment(batch[:n_synthetic], codes[:n_synthetic])
+                    target = [t[: len(clean)] for t in t_feats]
+                    out_d = _add_synthetic(model, out_d, clean, target, syn_rng, train_imgs, cfg.synthetic_lambda)
                 opt.zero_grad(set_to_none=True)
                 out_d["loss"].backward()
                 opt.step()
