@@ -14,8 +14,10 @@ bundle's map as ``max(ours, w * (row map - c))`` for a few fixed (w, c). The ima
 bundle's (only the pixel metrics move). The same for a per-position Gaussian (PaDiM's model on the
 teacher's deepest tap averaged over N x N neighbours, ``--position-pools``; each position fitted on
 its own and its 8 neighbours' training features, standardised per position on the held-out parts,
-upsampled and smoothed as our map). Prints pixel AUROC / AU-PRO over all defects and per type;
-writes benchmarks/results/region_map.json.
+upsampled and smoothed as our map), also on several taps stacked on the first one's grid
+(``--position-taps 4 10``, as PaDiM stacks its scales), fused by max and by sum. Prints pixel
+AUROC / AU-PRO over all defects and per type, and the image AUROC of each map's maximum (the
+image score a map alone would give); writes benchmarks/results/region_map.json.
 """
 
 from __future__ import annotations
@@ -36,19 +38,33 @@ from _machine import machine_name, replace_result  # noqa: E402
 from engines.data import hw  # noqa: E402
 
 FUSIONS = [(0.5, 0.0), (1.0, 0.0), (0.5, 2.0), (1.0, 2.0)]
+SUMS = [0.5, 1.0]  # ours + w x the per-position map
 
 
-def deepest_tap(model, images: np.ndarray, batch_size: int = 16):
-    """The teacher's deepest distillation tap of ``images``, one (n, C, h, w) tensor per batch."""
+def tapped(model, images: np.ndarray, taps: tuple[int, ...] | None = None, batch_size: int = 16):
+    """The teacher's features at ``taps`` (default: the deepest distillation tap) of ``images``: per
+    batch, one (n, C, h, w) tensor per tap, in the order given."""
     import torch
 
     from engines.teacher import normalize_input
     from engines.train import to_tensor
 
-    at = model.cfg.teacher_taps().index(model.cfg.taps[-1])
+    read = model.cfg.teacher_taps()
+    taps = (model.cfg.taps[-1],) if taps is None else tuple(taps)
+    missing = [t for t in taps if t not in read]
+    if missing:
+        msg = f"the bundle's teacher does not read blocks {missing} (it reads {list(read)})"
+        raise ValueError(msg)
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            yield model.teacher(normalize_input(to_tensor(images[i : i + batch_size], torch.device("cpu"))))[at]
+            f = model.teacher(normalize_input(to_tensor(images[i : i + batch_size], torch.device("cpu"))))
+            yield [f[read.index(t)] for t in taps]
+
+
+def deepest_tap(model, images: np.ndarray, batch_size: int = 16):
+    """The teacher's deepest distillation tap of ``images``, one (n, C, h, w) tensor per batch."""
+    for f in tapped(model, images, None, batch_size):
+        yield f[0]
 
 
 def row_descriptors(model, images: np.ndarray, rows: int, batch_size: int = 16) -> np.ndarray:
@@ -81,16 +97,28 @@ class RowGaussians:
         return (d - self.mean) / self.std if standardise else d
 
 
-def position_features(model, images: np.ndarray, pool: int, batch_size: int = 16) -> np.ndarray:
-    """(N, C, h, w) float32: the deepest distillation tap, averaged over ``pool`` x ``pool`` neighbours."""
+def stack_scales(feats: list, pool: int):
+    """Each (n, C_i, h_i, w_i) map averaged over ``pool`` x ``pool`` neighbours, resized (bilinear) to
+    the first map's grid and stacked along the channels: (n, sum C_i, h_0, w_0)."""
+    import torch
     import torch.nn.functional as F
 
+    size = feats[0].shape[-2:]
     out = []
-    for f in deepest_tap(model, images, batch_size):
+    for f in feats:
         if pool > 1:
             f = F.avg_pool2d(f, pool, 1, pool // 2, count_include_pad=False)
-        out.append(f.float().numpy())
-    return np.concatenate(out)
+        if f.shape[-2:] != size:
+            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)
+
+
+def position_features(model, images: np.ndarray, pool: int, taps: tuple[int, ...] | None = None,
+                      batch_size: int = 16) -> np.ndarray:  # fmt: skip
+    """(N, C, h, w) float32: the teacher's ``taps`` (default: the deepest distillation tap), each
+    averaged over ``pool`` x ``pool`` neighbours, on the grid of the first tap given."""
+    return np.concatenate([stack_scales(f, pool).float().numpy() for f in tapped(model, images, taps, batch_size)])
 
 
 class PositionGaussians:
@@ -159,7 +187,15 @@ def main() -> int:
         type=int,
         nargs="*",
         default=[3, 7],
-        help="also a per-position Gaussian of the deepest tap averaged over N x N neighbours, for each N",
+        help="also a per-position Gaussian of the teacher's features averaged over N x N neighbours, for each N",
+    )
+    ap.add_argument(
+        "--position-taps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="teacher blocks of the per-position Gaussian, stacked on the first one's grid (default: the deepest "
+        "distillation tap); each must be one the bundle's teacher reads",
     )
     ap.add_argument("--results", type=Path, default=HERE / "results" / "region_map.json")
     args = ap.parse_args()
@@ -167,6 +203,7 @@ def main() -> int:
     from engines.bundle import read_meta
     from engines.data import eval_items, good_training_images, load_images, split_holdout
     from engines.evaluate import metric_rows, score_items
+    from engines.metrics import auroc
     from engines.train import load_bundle_model, predict
 
     model = load_bundle_model(args.bundle, device="cpu")
@@ -177,7 +214,10 @@ def main() -> int:
     train_imgs, held_imgs = load_images(train_paths, size), load_images(held_out, size)
     gauss = RowGaussians(row_descriptors(model, train_imgs, args.rows), row_descriptors(model, held_imgs, args.rows))
     positions = {
-        k: PositionGaussians(position_features(model, train_imgs, k), position_features(model, held_imgs, k))
+        k: PositionGaussians(
+            position_features(model, train_imgs, k, args.position_taps),
+            position_features(model, held_imgs, k, args.position_taps),
+        )
         for k in args.position_pools
     }
     del train_imgs, held_imgs
@@ -190,30 +230,37 @@ def main() -> int:
     def ours_and_rows(imgs):  # score_items calls it on each chunk in order
         row_maps.append(to_map(gauss.distances(row_descriptors(model, imgs, args.rows)), size))
         for k, g in positions.items():
-            position_maps[k].append(to_image(g.distances(position_features(model, imgs, k)), size, sigma))
+            d = g.distances(position_features(model, imgs, k, args.position_taps))
+            position_maps[k].append(to_image(d, size, sigma))
         return predict(model, imgs)
 
     ours, scores, masks = score_items(items, size, ours_and_rows)
     rowmap = np.concatenate(row_maps)
 
+    taps = tuple(args.position_taps or (model.cfg.taps[-1],))
     variants = [("ours (the bundle's map)", ours), ("row map alone", rowmap)]
     variants += [(f"max(ours, {w:g} x (row map - {c:g}))", np.maximum(ours, w * (rowmap - c))) for w, c in FUSIONS]
     for k, parts in position_maps.items():
         pm = np.concatenate(parts)
-        name = f"position Gaussian {k}x{k}"
+        name = f"position Gaussian {k}x{k} of blocks {'+'.join(map(str, taps))}"
         variants += [(f"{name} alone", pm)]
         variants += [(f"max(ours, {w:g} x ({name} - {c:g}))", np.maximum(ours, w * (pm - c))) for w, c in FUSIONS]
+        variants += [(f"ours + {w:g} x {name}", ours + w * pm) for w in SUMS]
     machine = machine_name()
+    defective = np.array([it.defect != "good" for it in items])
     results = []
     print(f"\n{args.data.name}, {args.bundle.name} ({machine}; row Gaussians fitted in {fit_s:.0f} s)")
-    print("variant | all: pixel AUROC / AU-PRO | per type: pixel AUROC / AU-PRO")
+    print("variant | all: pixel AUROC / AU-PRO | image AUROC of the map's maximum | per type: pixel AUROC / AU-PRO")
     for name, m in variants:
         rows = {r["defect"]: r for r in metric_rows(items, m, scores, masks)}
         per = " ".join(f"{k} {r['pixel_auroc']:.3f}/{r['au_pro']:.3f}" for k, r in rows.items() if k != "all")
-        print(f"{name} | {rows['all']['pixel_auroc']:.3f} / {rows['all']['au_pro']:.3f} | {per}", flush=True)
+        peak = auroc(defective, m.reshape(len(m), -1).max(axis=1))
+        every = f"{rows['all']['pixel_auroc']:.3f} / {rows['all']['au_pro']:.3f}"
+        print(f"{name} | {every} | {peak:.3f} | {per}", flush=True)
         results.append(
             {
                 "variant": name,
+                "map_max_image_auroc": round(peak, 4),
                 "pixel_auroc": round(rows["all"]["pixel_auroc"], 4),
                 "au_pro": round(rows["all"]["au_pro"], 4),
                 "per_defect": {
@@ -224,7 +271,8 @@ def main() -> int:
             }
         )
     out = {"machine": machine, "bundle": args.bundle.name, "data": args.data.name, "rows": args.rows,
-           "position_pools": args.position_pools, "variants": results}  # fmt: skip
+           "position_pools": args.position_pools, "position_taps": list(taps),
+           "variants": results}  # fmt: skip
     replace_result(args.results, out)
     return 0
 

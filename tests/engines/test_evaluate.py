@@ -278,6 +278,41 @@ def test_region_map_position_gaussians_by_hand():
     assert up.shape == (1, 4, 6) and up[0, 0, 0] == 0.0 and up[0, -1, -1] == 5.0
 
 
+def test_region_map_stacks_teacher_scales_on_the_first_taps_grid():
+    """region_map.py's multi-scale per-position features: each tap averaged over its neighbours
+    (edges over the cells that exist), the deeper one resized onto the first one's grid, channels
+    in the order given; the features read from a real teacher are the tapped blocks' own; a block
+    the bundle's teacher does not read is refused by name."""
+    from region_map import position_features, stack_scales, tapped
+
+    from engines.model import KDModel, NetConfig
+    from engines.teacher import EfficientNetLite0, Teacher
+
+    fine = torch.zeros(1, 2, 4, 4)
+    fine[0, 1, 0, 0] = 9.0
+    coarse = torch.full((1, 3, 2, 2), 7.0)
+    s = stack_scales([fine, coarse], pool=3)
+    assert s.shape == (1, 5, 4, 4)
+    assert torch.all(s[0, 0] == 0) and torch.all(s[0, 2:] == 7.0)  # a constant stays constant when resized
+    assert s[0, 1, 0, 0] == pytest.approx(9.0 / 4)  # corner: mean of the 2 x 2 cells that exist
+    assert s[0, 1, 1, 1] == pytest.approx(9.0 / 9) and s[0, 1, 3, 3] == 0.0
+    ramp = torch.tensor([[0.0, 4.0]]).expand(2, 2).reshape(1, 1, 2, 2)
+    up = stack_scales([fine[:, :1], ramp], pool=1)[0, 1]
+    assert torch.allclose(up[0], torch.tensor([0.0, 1.0, 3.0, 4.0]))  # bilinear, half-pixel centres
+
+    cfg = NetConfig(image_size=64)
+    torch.manual_seed(0)
+    model = KDModel(Teacher(EfficientNetLite0(num_blocks=11, with_head=False), cfg.teacher_taps()), cfg).eval()
+    images = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    (four, ten), *_ = list(tapped(model, images, (4, 10)))
+    assert four.shape == (3, 40, 8, 8) and ten.shape == (3, 112, 4, 4)
+    f = position_features(model, images, 1, (4, 10), batch_size=2)
+    assert f.shape == (3, 152, 8, 8) and np.allclose(f[:, :40], four.numpy(), atol=1e-6)
+    assert position_features(model, images, 1).shape == (3, 112, 4, 4)  # default: the deepest tap alone
+    with pytest.raises(ValueError, match=r"does not read blocks \[7\]"):
+        next(tapped(model, images, (4, 7)))
+
+
 def test_by_image_size_rows_by_hand(tmp_path):
     """by_image_size.py: defective parts grouped by their file's size, each group's AUROC against all
     good parts and against the good parts of its own size (None where it has none)."""
