@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -24,10 +25,11 @@ def machine_name() -> str:
     return f"{name}, {gpu}" if gpu else name
 
 
-def replace_result(path: Path, out: dict) -> None:
+def replace_result(path: Path, out: dict, key: Callable[[dict], tuple] | None = None) -> None:
     """Write ``out`` (one bundle on one data set) into the JSON list at ``path``, replacing the
-    entry of the same bundle and data set and keeping the others."""
+    entry of the same bundle and data set (or of the same ``key(entry)``) and keeping the others."""
+    key = key or (lambda r: (r["bundle"], r["data"]))
     old = json.loads(path.read_text()) if path.is_file() else []
-    old = [r for r in old if (r["bundle"], r["data"]) != (out["bundle"], out["data"])]
+    old = [r for r in old if key(r) != key(out)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([*old, out], indent=1) + "\n")

@@ -273,7 +273,9 @@ def main() -> int:
     out = {"machine": machine, "bundle": args.bundle.name, "data": args.data.name, "rows": args.rows,
            "position_pools": args.position_pools, "position_taps": list(taps),
            "variants": results}  # fmt: skip
-    replace_result(args.results, out)
+    # one entry per bundle, data set and taps of the per-position Gaussian (entries from before
+    # --position-taps read the deepest distillation tap, block 10 of every bundle so far)
+    replace_result(args.results, out, key=lambda r: (r["bundle"], r["data"], r.get("position_taps", [10])))
     return 0
 
 

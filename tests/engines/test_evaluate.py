@@ -313,6 +313,24 @@ def test_region_map_stacks_teacher_scales_on_the_first_taps_grid():
         next(tapped(model, images, (4, 7)))
 
 
+def test_replace_result_keeps_entries_of_another_key(tmp_path):
+    """_machine.replace_result replaces the entry of the same bundle and data set, or of the same
+    key when one is given (region_map.py keeps one entry per set of taps)."""
+    import json
+
+    from _machine import replace_result
+
+    path = tmp_path / "r.json"
+    old = {"bundle": "b", "data": "d", "v": 0}  # an entry from before position_taps
+    replace_result(path, old)
+    replace_result(path, {"bundle": "b", "data": "d", "v": 1})
+    assert [r["v"] for r in json.loads(path.read_text())] == [1]
+    taps = lambda r: (r["bundle"], r["data"], r.get("position_taps", [10]))  # noqa: E731
+    replace_result(path, {"bundle": "b", "data": "d", "position_taps": [4, 10], "v": 2}, key=taps)
+    replace_result(path, {"bundle": "b", "data": "d", "position_taps": [10], "v": 3}, key=taps)
+    assert sorted(r["v"] for r in json.loads(path.read_text())) == [2, 3]
+
+
 def test_by_image_size_rows_by_hand(tmp_path):
     """by_image_size.py: defective parts grouped by their file's size, each group's AUROC against all
     good parts and against the good parts of its own size (None where it has none)."""
