@@ -74,6 +74,7 @@ NET_KEYS = (
     "synthetic_defects",
     "synthetic_lambda",
     "val_fraction",
+    "map_stats_from",
 )
 OLD_DEFAULTS = {
     "global_taps": [],  # rows from before the global term: the map's score alone
@@ -89,6 +90,7 @@ OLD_DEFAULTS = {
     "synthetic_defects": 0.0,  # rows from before synthetic defects: none
     "synthetic_lambda": 1.0,
     "val_fraction": 0.1,  # rows from before it was a benchmark option
+    "map_stats_from": "held_out",  # rows from before stop 32: the map's statistics from the held-out parts
 }
 
 
@@ -109,6 +111,7 @@ OPTIONS = (
     "synthetic_defects",
     "synthetic_lambda",
     "val_fraction",
+    "map_stats_from",
 )
 
 
@@ -208,7 +211,12 @@ def main() -> int:
     )
     ap.add_argument("--synthetic-lambda", type=float, help="weight of the synthetic-defect loss")
     ap.add_argument(
-        "--val-fraction", type=float, help="share of the good images held out (calibration, map statistics)"
+        "--val-fraction", type=float, help="share of the good images held out (calibration, score statistics)"
+    )
+    ap.add_argument(
+        "--map-stats-from",
+        choices=["training", "held_out"],
+        help="parts whose maps give the map's statistics (default: lineinspect train's)",
     )
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
@@ -255,6 +263,8 @@ def main() -> int:
                 more += f"-syn{cfg.synthetic_defects:g}x{cfg.synthetic_lambda:g}"
             if cfg.val_fraction != OLD_DEFAULTS["val_fraction"]:
                 more += f"-vf{cfg.val_fraction:g}"
+            if cfg.map_stats_from != OLD_DEFAULTS["map_stats_from"]:
+                more += f"-stats{cfg.map_stats_from.replace('_', '')}"
             tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}{more}-s{cfg.seed}"
             bundle = args.work / tag
             train_s = _reused_seconds(bundle, cfg) if args.reuse else None
@@ -303,6 +313,7 @@ def main() -> int:
                 "synthetic_defects": cfg.synthetic_defects,
                 "synthetic_lambda": cfg.synthetic_lambda,
                 "val_fraction": cfg.val_fraction,
+                "map_stats_from": cfg.map_stats_from,
                 "lr": cfg.lr,
                 "seed": cfg.seed,
                 "image_size": size[0],  # the input's height and width (image_width None: a square)
@@ -357,6 +368,7 @@ def _reused_seconds(bundle: Path, cfg: TrainConfig) -> float | None:
     have.setdefault("global_taps", [])
     have.setdefault("global_grid", 0)  # trained before the term's grid existed
     have.setdefault("image_width", None)  # ... and before non-square inputs
+    have.setdefault("map_stats_from", "held_out")  # ... and before map_stats_from
     if training.get("interrupted") or {k: v for k, v in have.items() if k not in term} != {
         k: v for k, v in want.items() if k not in term
     }:

@@ -40,8 +40,10 @@ def main() -> int:
     from engines.bundle import read_meta
     from engines.data import eval_items, good_training_images, load_images, split_holdout
     from engines.runtime import load_runtime
+    from engines.train import TrainConfig
 
     meta = read_meta(args.bundle)
+    stats_from = meta["map_stats"].get("map_stats_from", "held_out")  # bundles before stop 32: held out
     if not meta.get("onnx"):
         from engines.export import export_bundle
 
@@ -77,7 +79,9 @@ def main() -> int:
         "miss_rate_all": round(miss_all, 4),
         "machine": machine_name(),
         "model": model_label(args.bundle),
-        "default": is_default(args.bundle),
+        "map_stats_from": stats_from,
+        # the shipped network with the shipped map statistics (the threshold depends on both)
+        "default": is_default(args.bundle) and stats_from == TrainConfig().map_stats_from,
     }
     print(f"machine: {row['machine']}")
     print(f"{data.name}: {len(good_scores)} held-out good parts -> threshold {thr.threshold:.4f} ({thr.method})")

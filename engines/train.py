@@ -67,6 +67,13 @@ class TrainConfig(BaseModel):
         description="training images added to the held-out ones to estimate the good maps' per-position spread "
         "(0: one spread for the whole map, as before)",
     )
+    map_stats_from: Literal["training", "held_out"] = Field(
+        "training",
+        description="good parts whose maps give the per-scale statistics and the per-position mean and spread: "
+        "training (position_spread_images of them, all when that is 0; the held-out parts then stay unseen by "
+        "every statistic of the map, so scores and any threshold set on them are those of new parts) or "
+        "held_out (the held-out parts, with position_spread_images training parts for the spread; before stop 32)",
+    )
     augment: Literal["none", "flip"] = Field("flip", description="training augmentation: none, or random h/v flips")
     crop_size: int | None = Field(
         None,
@@ -296,18 +303,25 @@ def _fused_raw(model: KDModel, images: np.ndarray, batch_size: int, device: torc
 
 @torch.no_grad()
 def compute_map_stats(
-    model: KDModel, images: np.ndarray, batch_size: int = 16, spread_images: np.ndarray | None = None
+    model: KDModel,
+    images: np.ndarray,
+    batch_size: int = 16,
+    spread_images: np.ndarray | None = None,
+    per_position: bool | None = None,
 ) -> dict[str, Any]:
     """Per-scale mean/std of the raw discrepancy maps on good images; sets them on the model.
 
     The fused map is then centred by the good images' per-position mean and scaled by the spread
     around it: one number for the whole map, or with ``spread_images`` (more good parts, e.g.
-    training images) a per-position spread estimated on ``images`` and those together. Parts
+    training images) a per-position spread estimated on ``images`` and those together (with
+    ``per_position``, on ``images`` alone when none are given). Parts
     whose corners and edges always disagree a little (the teacher's padding) then stop scoring
     there as if it were a defect."""
     model.eval()
     device = next(model.student.parameters()).device
     n = len(model.cfg.taps)
+    if per_position is None:
+        per_position = spread_images is not None and len(spread_images) > 0
     s1 = np.zeros(n)
     s2 = np.zeros(n)
     count = 0
@@ -325,8 +339,10 @@ def compute_map_stats(
     fused_all = _fused_raw(model, images, batch_size, device)
     pos_mean = fused_all.mean(dim=0)[0]
     pos_std: float | list = float((fused_all - pos_mean).std())
-    if spread_images is not None and len(spread_images):
-        spread = torch.cat([fused_all, _fused_raw(model, spread_images, batch_size, device)])
+    if per_position:
+        spread = fused_all
+        if spread_images is not None and len(spread_images):
+            spread = torch.cat([fused_all, _fused_raw(model, spread_images, batch_size, device)])
         per_pos = (spread - spread.mean(dim=0, keepdim=True)).std(dim=0)[0]
         # floor at a tenth of the global spread: a position that never moves must not blow up
         pos_std = [[round(v, 5) for v in row] for row in per_pos.clamp_min(0.1 * pos_std).tolist()]
@@ -338,6 +354,17 @@ def compute_map_stats(
         "pos_std": pos_std,
         "n_images": len(images),
     }
+
+
+def map_statistics(model: KDModel, cfg: TrainConfig, train_imgs: np.ndarray, val_imgs: np.ndarray) -> dict[str, Any]:
+    """The map's statistics (``compute_map_stats``) from the parts ``cfg.map_stats_from`` names; sets them."""
+    pick = np.random.default_rng(cfg.seed).permutation(len(train_imgs))
+    if cfg.map_stats_from == "training":
+        n = cfg.position_spread_images or len(train_imgs)
+        stats = compute_map_stats(model, train_imgs[np.sort(pick[:n])], per_position=cfg.position_spread_images > 0)
+        return stats | {"map_stats_from": "training"}
+    spread = train_imgs[np.sort(pick[: cfg.position_spread_images])] if cfg.position_spread_images else None
+    return compute_map_stats(model, val_imgs, spread_images=spread) | {"map_stats_from": "held_out"}
 
 
 @torch.no_grad()
@@ -683,11 +710,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
         progress.close()
 
     model.student.load_state_dict(best_state)
-    spread = None
-    if cfg.position_spread_images:
-        pick = np.random.default_rng(cfg.seed).permutation(len(train_imgs))[: cfg.position_spread_images]
-        spread = train_imgs[np.sort(pick)]
-    stats = feature_stats | compute_map_stats(model, val_imgs, spread_images=spread)
+    stats = feature_stats | map_statistics(model, cfg, train_imgs, val_imgs)
     if net_cfg.global_taps:
         stats |= fit_global_term(model, train_imgs, val_imgs)
     stats["good_score"] = good_score_summary(model, val_imgs)

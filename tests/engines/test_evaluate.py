@@ -123,6 +123,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         "position_spread_images": shipped.position_spread_images,
         "global_taps": list(shipped.global_taps),
         "global_grid": shipped.global_grid,
+        "map_stats_from": shipped.map_stats_from,
     }
     assert accuracy.is_default(row, shipped)
     for key, other in [
@@ -133,6 +134,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         ("global_taps", []),
         ("reverse_width", 96),
         ("global_grid", 0),
+        ("map_stats_from", "held_out"),
     ]:
         assert not accuracy.is_default({**row, key: other}, shipped), key
     # a row from before the global term is a network without it
@@ -146,6 +148,10 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
     old = {k: v for k, v in row.items() if k != "student"}  # a row from before the setting: forward
     assert not accuracy.is_default(old, shipped)
     assert accuracy.is_default(old, TrainConfig(student="forward"))
+    # a row from before map_stats_from: its map's statistics came from the held-out parts
+    before = {k: v for k, v in row.items() if k != "map_stats_from"}
+    assert not accuracy.is_default(before, shipped)
+    assert accuracy.is_default(before, TrainConfig(map_stats_from="held_out"))
 
 
 def test_fused_map_standardises_each_map_on_its_own_good_statistics():

@@ -166,6 +166,38 @@ def test_bundles_from_before_the_l2_distance_load_as_cosine(tmp_path: Path, synt
         load_bundle_model(tmp_path / "new")
 
 
+def test_the_maps_statistics_come_from_training_parts_so_the_held_out_ones_stay_unseen(tmp_path, synthetic_root):
+    """map_stats_from training (the default): the map's per-scale statistics, per-position mean and
+    spread do not depend on the held-out parts at all (their scores, and a threshold set on them,
+    are those of new parts); held_out (bundles before stop 32) fits them on the held-out parts."""
+    import numpy as np
+
+    from engines.data import good_training_images, load_images, split_holdout
+    from engines.train import map_statistics
+
+    cfg = TrainConfig(image_size=64, epochs=1, max_train_images=12, num_threads=1, device="cpu")
+    assert cfg.map_stats_from == "training"
+    train(synthetic_root, tmp_path / "b", cfg, quiet=True)
+    assert json.loads((tmp_path / "b" / "model.json").read_text())["map_stats"]["map_stats_from"] == "training"
+    model = load_bundle_model(tmp_path / "b")
+    tr, ho = split_holdout(good_training_images(synthetic_root)[:12], cfg.val_fraction, cfg.seed)
+    train_imgs, held = load_images(tr, 64), load_images(ho, 64)
+    other = load_images(sorted((synthetic_root / "test" / "good").iterdir())[:3], 64)
+
+    def stats(c, val):
+        s = map_statistics(model, c, train_imgs, val)
+        return np.array(s["pos_mean"]), np.array(s["pos_std"]), s["n_images"]
+
+    a, b = stats(cfg, held), stats(cfg, other)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] == len(train_imgs)
+    assert a[1].ndim == 2  # per position
+    old = cfg.model_copy(update={"map_stats_from": "held_out"})
+    c, d = stats(old, held), stats(old, other)
+    assert c[2] == len(held) and d[2] == len(other) and not np.allclose(c[0], d[0])
+    one = stats(cfg.model_copy(update={"position_spread_images": 0}), held)
+    assert one[1].ndim == 0 and one[2] == len(train_imgs)  # one spread, from every training part
+
+
 def test_the_map_is_scaled_by_the_good_parts_per_position_spread(tmp_path, synthetic_root):
     """New bundles carry a per-position spread (fusion size); older ones one number, and both load."""
     import numpy as np
