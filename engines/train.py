@@ -64,8 +64,9 @@ class TrainConfig(BaseModel):
     position_spread_images: int = Field(
         300,
         ge=0,
-        description="training images added to the held-out ones to estimate the good maps' per-position spread "
-        "(0: one spread for the whole map, as before)",
+        description="training images the map's statistics and per-position spread come from (map_stats_from "
+        "training), or that are added to the held-out ones for the per-position spread (held_out); 0: one spread "
+        "for the whole map, as before stop 12",
     )
     map_stats_from: Literal["training", "held_out"] = Field(
         "training",
