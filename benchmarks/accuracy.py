@@ -368,7 +368,7 @@ def _reused_seconds(bundle: Path, cfg: TrainConfig) -> float | None:
     have.setdefault("global_taps", [])
     have.setdefault("global_grid", 0)  # trained before the term's grid existed
     have.setdefault("image_width", None)  # ... and before non-square inputs
-    have.setdefault("map_stats_from", "held_out")  # ... and before map_stats_from
+    have.setdefault("map_stats_from", OLD_DEFAULTS["map_stats_from"])  # ... and before map_stats_from
     if training.get("interrupted") or {k: v for k, v in have.items() if k not in term} != {
         k: v for k, v in want.items() if k not in term
     }:

@@ -207,6 +207,7 @@ def main() -> int:
     from engines.train import load_bundle_model, predict
 
     model = load_bundle_model(args.bundle, device="cpu")
+    taps = tuple(args.position_taps or (model.cfg.taps[-1],))  # the per-position Gaussian's
     cfg = read_meta(args.bundle)["training"]["config"]
     size = model.cfg.input_hw()
     train_paths, held_out = split_holdout(good_training_images(args.data), cfg["val_fraction"], cfg["seed"])
@@ -215,8 +216,8 @@ def main() -> int:
     gauss = RowGaussians(row_descriptors(model, train_imgs, args.rows), row_descriptors(model, held_imgs, args.rows))
     positions = {
         k: PositionGaussians(
-            position_features(model, train_imgs, k, args.position_taps),
-            position_features(model, held_imgs, k, args.position_taps),
+            position_features(model, train_imgs, k, taps),
+            position_features(model, held_imgs, k, taps),
         )
         for k in args.position_pools
     }
@@ -230,14 +231,13 @@ def main() -> int:
     def ours_and_rows(imgs):  # score_items calls it on each chunk in order
         row_maps.append(to_map(gauss.distances(row_descriptors(model, imgs, args.rows)), size))
         for k, g in positions.items():
-            d = g.distances(position_features(model, imgs, k, args.position_taps))
+            d = g.distances(position_features(model, imgs, k, taps))
             position_maps[k].append(to_image(d, size, sigma))
         return predict(model, imgs)
 
     ours, scores, masks = score_items(items, size, ours_and_rows)
     rowmap = np.concatenate(row_maps)
 
-    taps = tuple(args.position_taps or (model.cfg.taps[-1],))
     variants = [("ours (the bundle's map)", ours), ("row map alone", rowmap)]
     variants += [(f"max(ours, {w:g} x (row map - {c:g}))", np.maximum(ours, w * (rowmap - c))) for w, c in FUSIONS]
     for k, parts in position_maps.items():

@@ -308,21 +308,18 @@ def compute_map_stats(
     images: np.ndarray,
     batch_size: int = 16,
     spread_images: np.ndarray | None = None,
-    per_position: bool | None = None,
+    per_position: bool = False,
 ) -> dict[str, Any]:
     """Per-scale mean/std of the raw discrepancy maps on good images; sets them on the model.
 
     The fused map is then centred by the good images' per-position mean and scaled by the spread
-    around it: one number for the whole map, or with ``spread_images`` (more good parts, e.g.
-    training images) a per-position spread estimated on ``images`` and those together (with
-    ``per_position``, on ``images`` alone when none are given). Parts
+    around it: one number for the whole map, or with ``per_position`` a per-position spread
+    estimated on ``images`` and ``spread_images`` (more good parts, e.g. training images) together. Parts
     whose corners and edges always disagree a little (the teacher's padding) then stop scoring
     there as if it were a defect."""
     model.eval()
     device = next(model.student.parameters()).device
     n = len(model.cfg.taps)
-    if per_position is None:
-        per_position = spread_images is not None and len(spread_images) > 0
     s1 = np.zeros(n)
     s2 = np.zeros(n)
     count = 0
@@ -365,7 +362,8 @@ def map_statistics(model: KDModel, cfg: TrainConfig, train_imgs: np.ndarray, val
         stats = compute_map_stats(model, train_imgs[np.sort(pick[:n])], per_position=cfg.position_spread_images > 0)
         return stats | {"map_stats_from": "training"}
     spread = train_imgs[np.sort(pick[: cfg.position_spread_images])] if cfg.position_spread_images else None
-    return compute_map_stats(model, val_imgs, spread_images=spread) | {"map_stats_from": "held_out"}
+    stats = compute_map_stats(model, val_imgs, spread_images=spread, per_position=spread is not None)
+    return stats | {"map_stats_from": "held_out"}
 
 
 @torch.no_grad()
