@@ -406,3 +406,31 @@ def test_backend_accuracy_drops_rows_of_a_retrained_bundle_of_the_same_name():
         ("onnxruntime", 0.98),
         ("torch", 0.98),
     ]
+
+
+def test_map_settings_rebuild_reproduces_the_bundle_and_applies_a_new_setting(trained_bundle, synthetic_root):
+    """map_settings.py: the bundle's student with its own settings and statistics computed again
+    scores exactly as the bundle; another blur changes the maps (and so the scores) while the held-out
+    parts stay the bundle's."""
+    import numpy as np
+    from map_settings import with_settings
+
+    from engines.data import load_images, split_holdout, good_training_images
+    from engines.train import load_bundle_model, predict
+
+    bundle_model = load_bundle_model(trained_bundle)
+    size = bundle_model.cfg.input_hw()
+    imgs = load_images(sorted((synthetic_root / "test").rglob("*.png"))[:8], size)
+    want_maps, want_scores = predict(bundle_model, imgs)
+
+    same, held_out = with_settings(trained_bundle)
+    _, expect_held_out = split_holdout(good_training_images(synthetic_root), 0.1, 0)
+    assert held_out == expect_held_out and len(held_out) > 0
+    maps, scores = predict(same, imgs)
+    np.testing.assert_allclose(maps, want_maps, atol=1e-4)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-4)
+
+    sharper, _ = with_settings(trained_bundle, blur_sigma=1.0)
+    assert sharper.cfg.blur_sigma == 1.0
+    maps2, _ = predict(sharper, imgs)
+    assert np.abs(maps2 - want_maps).max() > 1e-2

@@ -1,0 +1,206 @@
+"""The map's post-training settings, measured on a trained bundle (the student is not retrained).
+
+    python benchmarks/map_settings.py \\
+        --bundle runs/accuracy/ball_screw_drive-full-rd-l2-hq0.999-e20-160x416-statstraining-s0 \\
+        --data ../shared/data/ball_screw_drive --blur-sigmas 2 4 8 --scores max topk
+
+``blur_sigma`` (the Gaussian smoothing of the fused map), ``score`` (the map's image score: its
+maximum or the mean of its top ``topk_fraction``) and ``scale_weights`` (the weight of each tap's
+map in the fusion) act only after the student: for each combination the bundle's student and
+global term are loaded into a network with that setting, the map's statistics and the two score
+statistics are computed again exactly as ``lineinspect train`` computes them (the bundle's own
+split and ``map_stats_from``), and the test split is scored like ``accuracy.py`` scores a row
+(image / pixel AUROC, AU-PRO, the plant metric at the 1 % threshold from the held-out good parts).
+The bundle's own setting is one of the rows, so its row must equal the bundle's ``accuracy.py``
+row. Writes benchmarks/results/map_settings.json (one entry per bundle and data set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from _machine import machine_name, replace_result  # noqa: E402
+
+METRICS = ("image_auroc", "pixel_auroc", "au_pro")
+
+
+def with_settings(bundle: Path, **changes):
+    """The bundle's network rebuilt with ``changes`` to its NetConfig (map settings only), its
+    student, global term and feature statistics loaded, and the map and score statistics computed
+    again as ``lineinspect train`` does; returns (model, held-out good paths)."""
+    from engines import bundle as bundle_mod
+    from engines.data import good_training_images, load_images, split_holdout
+    from engines.model import KDModel, NetConfig
+    from engines.train import (
+        TrainConfig,
+        bundle_teacher,
+        fit_global_term,
+        load_student_pt,
+        map_statistics,
+    )
+
+    meta = bundle_mod.read_meta(bundle)
+    training = meta["training"]
+    cfg = TrainConfig(**{"image_width": None, **training["config"]})
+    net_cfg = dataclasses.replace(NetConfig.from_json(meta["net"]), **changes)
+    net_cfg.validate()
+    model = KDModel(bundle_teacher(meta, net_cfg.teacher_taps()), net_cfg).eval()
+    load_student_pt(bundle, model.load_fitted_state)
+    stats = meta["map_stats"]
+    if net_cfg.distance == "l2":
+        model.set_feature_stats(stats["feature_mean"], stats["feature_std"])
+    paths = good_training_images(Path(training["data"]))
+    if cfg.max_train_images:
+        paths = paths[: cfg.max_train_images]
+    train_paths, val_paths = split_holdout(paths, cfg.val_fraction, cfg.seed)
+    size = net_cfg.input_hw()
+    train_imgs = load_images(train_paths, size)
+    val_imgs = load_images(val_paths or train_paths, size)
+    map_statistics(model, cfg, train_imgs, val_imgs)
+    if net_cfg.global_taps:
+        fit_global_term(model, train_imgs, val_imgs)
+    return model, val_paths
+
+
+def evaluate_at(data: Path, model, held_out: list[Path], eval_hw: tuple[int, int] | None, alpha: float) -> dict:
+    """``engines.evaluate.evaluate``'s rows and plant metric for ``model`` on ``data``'s test split,
+    with the maps (bilinear) and the masks (as ``read_mask`` reads them) at ``eval_hw`` instead of
+    the model's input, so that networks of different inputs are scored on one grid (None: the
+    input's, as ``accuracy.py`` scores)."""
+    import cv2
+    import numpy as np
+
+    from engines.data import eval_items, load_images, read_mask
+    from engines.evaluate import metric_rows, plant_metric
+    from engines.train import predict
+
+    size = model.cfg.input_hw()
+    grid = eval_hw or size
+    items = eval_items(Path(data))
+    maps = np.empty((len(items), *grid), np.float32)
+    scores = np.empty(len(items), np.float32)
+    masks = np.empty((len(items), *grid), bool)
+    for i in range(0, len(items), 64):
+        part = items[i : i + 64]
+        m, sc = predict(model, load_images([it.path for it in part], size))
+        for j, it in enumerate(part):
+            one = m[j] if tuple(grid) == tuple(size) else cv2.resize(m[j], grid[::-1], interpolation=cv2.INTER_LINEAR)
+            maps[i + j] = one
+            masks[i + j] = read_mask(it.mask, grid, like=it.path)
+        scores[i : i + len(part)] = sc
+    rows = metric_rows(items, maps, scores, masks)
+    cal = np.concatenate(
+        [predict(model, load_images(held_out[i : i + 64], size))[1] for i in range(0, len(held_out), 64)]
+    )
+    plant = plant_metric(cal, scores, [it.defect for it in items], alpha).to_dict()
+    return {"rows": rows, "plant": plant}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True, help="MVTec-layout data set (its test split is scored)")
+    ap.add_argument("--blur-sigmas", type=float, nargs="+", help="input pixels (default: the bundle's)")
+    ap.add_argument("--scores", nargs="+", choices=["max", "topk"], help="map image score (default: the bundle's)")
+    ap.add_argument("--topk-fraction", type=float, help="with score topk (default: the bundle's)")
+    ap.add_argument(
+        "--scale-weights",
+        nargs="+",
+        action="append",
+        type=float,
+        help="one weight per tap; repeat the option for several (default: the bundle's)",
+    )
+    ap.add_argument(
+        "--eval-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="score the maps and masks on this grid (default: the bundle's input), to compare inputs",
+    )
+    ap.add_argument("--alpha", type=float, default=0.01)
+    ap.add_argument("--results", type=Path, default=HERE / "results" / "map_settings.json")
+    args = ap.parse_args()
+
+    from engines import bundle as bundle_mod
+    from engines.model import NetConfig
+
+    own = NetConfig.from_json(bundle_mod.read_meta(args.bundle)["net"])
+    grid = list(
+        itertools.product(
+            args.blur_sigmas or [own.blur_sigma],
+            args.scores or [own.score],
+            [tuple(w) for w in args.scale_weights] if args.scale_weights else [own.scale_weights],
+        )
+    )
+    topk = args.topk_fraction or own.topk_fraction
+    machine = machine_name()
+    rows = []
+    where = (
+        f"maps and masks scored at {args.eval_size[0]} x {args.eval_size[1]}"
+        if args.eval_size
+        else "scored at its input"
+    )
+    print(f"machine: {machine}\nbundle: {args.bundle} ({where})\n")
+    head = (
+        f"{'blur':>5} {'score':>10} {'weights':>14}  {'img AUROC':>9} {'px AUROC':>8} {'AU-PRO':>7} "
+        f"{'FRR@1%':>7} {'caught':>7}  {'s':>4}"
+    )
+    print(head)
+    print("-" * len(head))
+    for sigma, score, weights in grid:
+        t0 = time.perf_counter()
+        model, held_out = with_settings(
+            args.bundle, blur_sigma=sigma, score=score, topk_fraction=topk, scale_weights=weights
+        )
+        res = evaluate_at(args.data, model, held_out, tuple(args.eval_size) if args.eval_size else None, args.alpha)
+        allrow = res["rows"][-1]
+        plant = res["plant"] or {}
+        row = {
+            "blur_sigma": sigma,
+            "score": score,
+            "topk_fraction": topk if score == "topk" else None,
+            "scale_weights": list(weights),
+            "bundle_setting": (sigma, score, tuple(weights)) == (own.blur_sigma, own.score, tuple(own.scale_weights))
+            and (score == "max" or topk == own.topk_fraction),
+            "image_auroc": round(allrow["image_auroc"], 4),
+            "pixel_auroc": round(allrow["pixel_auroc"], 4) if allrow.get("pixel_auroc") is not None else None,
+            "au_pro": round(allrow["au_pro"], 4) if allrow.get("au_pro") is not None else None,
+            "frr_at_1pct": round(plant["frr"], 4) if plant else None,
+            "caught_at_1pct": round(plant["caught"], 4) if plant else None,
+            "per_defect": {
+                r["defect"]: {k: round(r[k], 4) for k in METRICS if r.get(k) is not None} for r in res["rows"][:-1]
+            },
+        }
+        rows.append(row)
+        label = f"topk {topk:g}" if score == "topk" else score
+        mark = " (bundle's)" if row["bundle_setting"] else ""
+        print(
+            f"{sigma:>5g} {label:>10} {'/'.join(f'{w:g}' for w in weights):>14}  {row['image_auroc']:>9.3f} "
+            f"{row['pixel_auroc'] or float('nan'):>8.3f} {row['au_pro'] or float('nan'):>7.3f} "
+            f"{plant.get('frr', float('nan')):>7.1%} {plant.get('caught', float('nan')):>7.1%}  "
+            f"{time.perf_counter() - t0:>4.0f}{mark}",
+            flush=True,
+        )
+    out = {
+        "bundle": str(args.bundle),
+        "data": str(args.data.resolve()),
+        "eval_size": args.eval_size,
+        "machine": machine,
+        "rows": rows,
+    }
+    replace_result(args.results, out, key=lambda r: (r["bundle"], r["data"], r.get("eval_size")))
+    print(f"\nwritten to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
