@@ -415,7 +415,7 @@ def test_map_settings_rebuild_reproduces_the_bundle_and_applies_a_new_setting(tr
     import numpy as np
     from map_settings import with_settings
 
-    from engines.data import load_images, split_holdout, good_training_images
+    from engines.data import good_training_images, load_images, split_holdout
     from engines.train import load_bundle_model, predict
 
     bundle_model = load_bundle_model(trained_bundle)
