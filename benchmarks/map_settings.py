@@ -12,7 +12,8 @@ statistics are computed again exactly as ``lineinspect train`` computes them (th
 split and ``map_stats_from``), and the test split is scored like ``accuracy.py`` scores a row
 (image / pixel AUROC, AU-PRO, the plant metric at the 1 % threshold from the held-out good parts).
 The bundle's own setting is one of the rows, so its row must equal the bundle's ``accuracy.py``
-row. Writes benchmarks/results/map_settings.json (one entry per bundle and data set).
+row. Writes benchmarks/results/map_settings.json (one entry per bundle, data set and grid; a later
+run on the same bundle keeps the rows of the settings it did not measure).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -69,6 +71,23 @@ def with_settings(bundle: Path, **changes):
     if net_cfg.global_taps:
         fit_global_term(model, train_imgs, val_imgs)
     return model, val_paths
+
+
+def entry_key(entry: dict) -> tuple:
+    """One entry per bundle, data set and scoring grid."""
+    return entry["bundle"], entry["data"], entry.get("eval_size")
+
+
+def setting_key(row: dict) -> tuple:
+    """The settings a row measured (rows of the same settings replace each other)."""
+    return (row["blur_sigma"], row["score"], row.get("topk_fraction"), tuple(row["scale_weights"]))
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old``'s rows of settings ``new`` did not measure, then ``new``'s, sorted by setting."""
+    fresh = {setting_key(r) for r in new}
+    rows = [r for r in old if setting_key(r) not in fresh] + list(new)
+    return sorted(rows, key=lambda r: (r["blur_sigma"], r["score"], tuple(r["scale_weights"])))
 
 
 def evaluate_at(data: Path, model, held_out: list[Path], eval_hw: tuple[int, int] | None, alpha: float) -> dict:
@@ -197,7 +216,11 @@ def main() -> int:
         "machine": machine,
         "rows": rows,
     }
-    replace_result(args.results, out, key=lambda r: (r["bundle"], r["data"], r.get("eval_size")))
+    old = json.loads(args.results.read_text()) if args.results.is_file() else []
+    earlier = next((r for r in old if entry_key(r) == entry_key(out) and r.get("machine") == machine), None)
+    if earlier:  # the same bundle measured before with other settings on this machine: keep those rows
+        out["rows"] = merge_rows(earlier["rows"], rows)
+    replace_result(args.results, out, key=entry_key)
     print(f"\nwritten to {args.results}")
     return 0
 

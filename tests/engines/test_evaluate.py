@@ -434,3 +434,16 @@ def test_map_settings_rebuild_reproduces_the_bundle_and_applies_a_new_setting(tr
     assert sharper.cfg.blur_sigma == 1.0
     maps2, _ = predict(sharper, imgs)
     assert np.abs(maps2 - want_maps).max() > 1e-2
+
+
+def test_map_settings_merge_keeps_rows_of_settings_not_measured_again():
+    """A later map_settings.py run on the same bundle replaces the rows of the settings it measured
+    and keeps the others."""
+    from map_settings import merge_rows
+
+    def row(sigma, score, auc):
+        return {"blur_sigma": sigma, "score": score, "topk_fraction": None, "scale_weights": [1, 1, 1], "au_pro": auc}
+
+    old = [row(4.0, "max", 0.1), row(2.0, "max", 0.2)]
+    merged = merge_rows(old, [row(2.0, "max", 0.9), row(1.0, "max", 0.5)])
+    assert [(r["blur_sigma"], r["au_pro"]) for r in merged] == [(1.0, 0.5), (2.0, 0.9), (4.0, 0.1)]
