@@ -35,42 +35,40 @@ from _machine import machine_name, replace_result  # noqa: E402
 METRICS = ("image_auroc", "pixel_auroc", "au_pro")
 
 
-def with_settings(bundle: Path, **changes):
-    """The bundle's network rebuilt with ``changes`` to its NetConfig (map settings only), its
-    student, global term and feature statistics loaded, and the map and score statistics computed
-    again as ``lineinspect train`` does; returns (model, held-out good paths)."""
+def bundle_parts(bundle: Path):
+    """The bundle's training settings and its training and held-out good parts as ``train`` split
+    them, read once for every setting: (cfg, training images, held-out images, held-out paths)."""
     from engines import bundle as bundle_mod
-    from engines.data import good_training_images, load_images, split_holdout
-    from engines.model import KDModel, NetConfig
-    from engines.train import (
-        TrainConfig,
-        bundle_teacher,
-        fit_global_term,
-        load_student_pt,
-        map_statistics,
-    )
+    from engines.data import load_images
+    from engines.train import bundle_split
 
     meta = bundle_mod.read_meta(bundle)
-    training = meta["training"]
-    cfg = TrainConfig(**{"image_width": None, **training["config"]})
+    cfg, train_paths, val_paths = bundle_split(meta)
+    size = bundle_mod.input_hw(meta)
+    return cfg, load_images(train_paths, size), load_images(val_paths or train_paths, size), val_paths
+
+
+def with_settings(bundle: Path, parts, **changes):
+    """The bundle's network rebuilt with ``changes`` to its NetConfig (map settings only): its
+    student, global term and feature statistics loaded, the map's statistics and the two score
+    statistics computed again as ``lineinspect train`` does, on ``parts`` (``bundle_parts``)."""
+    from engines import bundle as bundle_mod
+    from engines.model import KDModel, NetConfig
+    from engines.train import bundle_teacher, fit_score_stats, load_student_pt, map_statistics
+
+    cfg, train_imgs, val_imgs, _ = parts
+    meta = bundle_mod.read_meta(bundle)
     net_cfg = dataclasses.replace(NetConfig.from_json(meta["net"]), **changes)
     net_cfg.validate()
     model = KDModel(bundle_teacher(meta, net_cfg.teacher_taps()), net_cfg).eval()
-    load_student_pt(bundle, model.load_fitted_state)
+    load_student_pt(bundle, model.load_fitted_state)  # the student and the term's Gaussian
     stats = meta["map_stats"]
     if net_cfg.distance == "l2":
         model.set_feature_stats(stats["feature_mean"], stats["feature_std"])
-    paths = good_training_images(Path(training["data"]))
-    if cfg.max_train_images:
-        paths = paths[: cfg.max_train_images]
-    train_paths, val_paths = split_holdout(paths, cfg.val_fraction, cfg.seed)
-    size = net_cfg.input_hw()
-    train_imgs = load_images(train_paths, size)
-    val_imgs = load_images(val_paths or train_paths, size)
     map_statistics(model, cfg, train_imgs, val_imgs)
     if net_cfg.global_taps:
-        fit_global_term(model, train_imgs, val_imgs)
-    return model, val_paths
+        fit_score_stats(model, val_imgs)
+    return model
 
 
 def entry_key(entry: dict) -> tuple:
@@ -88,40 +86,6 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     fresh = {setting_key(r) for r in new}
     rows = [r for r in old if setting_key(r) not in fresh] + list(new)
     return sorted(rows, key=lambda r: (r["blur_sigma"], r["score"], tuple(r["scale_weights"])))
-
-
-def evaluate_at(data: Path, model, held_out: list[Path], eval_hw: tuple[int, int] | None, alpha: float) -> dict:
-    """``engines.evaluate.evaluate``'s rows and plant metric for ``model`` on ``data``'s test split,
-    with the maps (bilinear) and the masks (as ``read_mask`` reads them) at ``eval_hw`` instead of
-    the model's input, so that networks of different inputs are scored on one grid (None: the
-    input's, as ``accuracy.py`` scores)."""
-    import cv2
-    import numpy as np
-
-    from engines.data import eval_items, load_images, read_mask
-    from engines.evaluate import metric_rows, plant_metric
-    from engines.train import predict
-
-    size = model.cfg.input_hw()
-    grid = eval_hw or size
-    items = eval_items(Path(data))
-    maps = np.empty((len(items), *grid), np.float32)
-    scores = np.empty(len(items), np.float32)
-    masks = np.empty((len(items), *grid), bool)
-    for i in range(0, len(items), 64):
-        part = items[i : i + 64]
-        m, sc = predict(model, load_images([it.path for it in part], size))
-        for j, it in enumerate(part):
-            one = m[j] if tuple(grid) == tuple(size) else cv2.resize(m[j], grid[::-1], interpolation=cv2.INTER_LINEAR)
-            maps[i + j] = one
-            masks[i + j] = read_mask(it.mask, grid, like=it.path)
-        scores[i : i + len(part)] = sc
-    rows = metric_rows(items, maps, scores, masks)
-    cal = np.concatenate(
-        [predict(model, load_images(held_out[i : i + 64], size))[1] for i in range(0, len(held_out), 64)]
-    )
-    plant = plant_metric(cal, scores, [it.defect for it in items], alpha).to_dict()
-    return {"rows": rows, "plant": plant}
 
 
 def main() -> int:
@@ -150,7 +114,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from engines import bundle as bundle_mod
+    from engines.evaluate import evaluate
     from engines.model import NetConfig
+    from engines.train import predict
 
     own = NetConfig.from_json(bundle_mod.read_meta(args.bundle)["net"])
     grid = list(
@@ -175,12 +141,20 @@ def main() -> int:
     )
     print(head)
     print("-" * len(head))
+    parts = bundle_parts(args.bundle)
     for sigma, score, weights in grid:
         t0 = time.perf_counter()
-        model, held_out = with_settings(
-            args.bundle, blur_sigma=sigma, score=score, topk_fraction=topk, scale_weights=weights
+        model = with_settings(
+            args.bundle, parts, blur_sigma=sigma, score=score, topk_fraction=topk, scale_weights=weights
         )
-        res = evaluate_at(args.data, model, held_out, tuple(args.eval_size) if args.eval_size else None, args.alpha)
+        res = evaluate(
+            args.data,
+            model.cfg.input_hw(),
+            lambda x, m=model: predict(m, x),
+            calibration_images=parts[3],
+            alpha=args.alpha,
+            grid=tuple(args.eval_size) if args.eval_size else None,
+        )
         allrow = res["rows"][-1]
         plant = res["plant"] or {}
         row = {

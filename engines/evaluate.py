@@ -22,19 +22,25 @@ from engines.metrics import au_pro, auroc, f1_max
 ScoreFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # uint8 (N,H,W,3) -> maps, scores
 
 
-def score_items(items: list[EvalItem], size: Size, score_fn: ScoreFn, chunk: int = 64):
-    """Run ``score_fn`` over the items in chunks (bounded memory): images, maps, scores, masks."""
-    maps = np.empty((len(items), *hw(size)), np.float32)
+def score_items(items: list[EvalItem], size: Size, score_fn: ScoreFn, chunk: int = 64, grid: Size | None = None):
+    """Run ``score_fn`` over the items in chunks (bounded memory): maps, scores, masks. The maps
+    (bilinear) and masks are at ``grid`` when given (networks of different inputs scored on one
+    grid), else at the input ``size``."""
+    gh, gw = hw(grid or size)
+    resize = (gh, gw) != hw(size)
+    maps = np.empty((len(items), gh, gw), np.float32)
     scores = np.empty(len(items), np.float32)
-    masks = np.empty((len(items), *hw(size)), bool)
+    masks = np.empty((len(items), gh, gw), bool)
     for i in range(0, len(items), chunk):
         part = items[i : i + chunk]
         imgs = load_images([it.path for it in part], size)
         m, s = score_fn(imgs)
+        if resize:
+            m = [cv2.resize(one, (gw, gh), interpolation=cv2.INTER_LINEAR) for one in m]
         maps[i : i + len(part)] = m
         scores[i : i + len(part)] = s
         for j, it in enumerate(part):
-            masks[i + j] = read_mask(it.mask, size, like=it.path)
+            masks[i + j] = read_mask(it.mask, (gh, gw), like=it.path)
     return maps, scores, masks
 
 
@@ -188,11 +194,13 @@ def evaluate(
     n_overlays: int = 12,
     calibration_images: list[Path] | None = None,
     alpha: float = 0.01,
+    grid: Size | None = None,
 ) -> dict[str, Any]:
     """Metrics on ``data``'s test split; with ``calibration_images`` (held-out good parts, never the
-    test split) also the plant metric at false-reject target ``alpha``."""
+    test split) also the plant metric at false-reject target ``alpha``; pixel metrics on ``grid``
+    (``score_items``)."""
     items = eval_items(Path(data))
-    maps, scores, masks = score_items(items, size, score_fn)
+    maps, scores, masks = score_items(items, size, score_fn, grid=grid)
     rows = metric_rows(items, maps, scores, masks)
     result: dict[str, Any] = {
         "data": str(Path(data).resolve()),
@@ -221,7 +229,7 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         if n_overlays:
-            save_overlays(items, maps, scores, masks, size, out / "overlays", n_overlays)
+            save_overlays(items, maps, scores, masks, grid or size, out / "overlays", n_overlays)
     return result
 
 

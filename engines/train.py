@@ -391,16 +391,8 @@ def fit_global_term(
         raise ValueError(msg)
     fit = fit_gaussian(global_descriptors(model, train_images, batch_size))
     model.global_term.set_gaussian(torch.from_numpy(fit.mean), torch.from_numpy(fit.whiten))
-    ms, gd = (h.astype(np.float64) for h in score_halves(model, held_out, batch_size))
-    stats = {
-        "map_mean": float(ms.mean()),
-        "map_std": float(ms.std(ddof=1)) if len(ms) > 1 else 1.0,
-        "global_mean": float(gd.mean()),
-        "global_std": float(gd.std(ddof=1)) if len(gd) > 1 else 1.0,
-    }
-    model.set_score_stats(**stats)
     return {
-        "score_stats": stats,
+        "score_stats": fit_score_stats(model, held_out, batch_size),
         "global_term": {
             "taps": list(model.cfg.global_taps),
             "dim": model.global_term.dim,
@@ -409,6 +401,33 @@ def fit_global_term(
             "shrinkage": round(fit.shrinkage, 6),
         },
     }
+
+
+def fit_score_stats(model: KDModel, held_out: np.ndarray, batch_size: int = 16) -> dict[str, float]:
+    """The mean / std on the held-out parts of the map's image score and of the global term's
+    distance (the image score standardises both with them); sets and returns them. Needs the map
+    statistics and the term's Gaussian."""
+    ms, gd = (h.astype(np.float64) for h in score_halves(model, held_out, batch_size))
+    stats = {
+        "map_mean": float(ms.mean()),
+        "map_std": float(ms.std(ddof=1)) if len(ms) > 1 else 1.0,
+        "global_mean": float(gd.mean()),
+        "global_std": float(gd.std(ddof=1)) if len(gd) > 1 else 1.0,
+    }
+    model.set_score_stats(**stats)
+    return stats
+
+
+def bundle_split(meta: dict[str, Any]) -> tuple[TrainConfig, list[Path], list[Path]]:
+    """A bundle's training settings (bundles from before image_width: square) and the split of its
+    training folder into training and held-out good parts that ``train`` made."""
+    training = meta.get("training") or {}
+    cfg = TrainConfig(**{"image_width": None, **(training.get("config") or {})})
+    paths = good_training_images(Path(training["data"]))
+    if cfg.max_train_images:
+        paths = paths[: cfg.max_train_images]
+    train_paths, val_paths = split_holdout(paths, cfg.val_fraction, cfg.seed)
+    return cfg, train_paths, val_paths
 
 
 def score_halves(model: KDModel, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -767,8 +786,7 @@ def refit_global_term(bundle: Path, global_taps: list[int], global_grid: int | N
     graph no longer matches and is removed)."""
     bundle = Path(bundle)
     meta = bundle_mod.read_meta(bundle)
-    training = meta.get("training") or {}
-    cfg = TrainConfig(**{"image_width": None, **(training.get("config") or {})})  # before image_width: square
+    cfg, train_paths, val_paths = bundle_split(meta)
     cfg.global_taps = list(global_taps)
     if global_grid is not None:
         cfg.global_grid = global_grid
@@ -785,10 +803,6 @@ def refit_global_term(bundle: Path, global_taps: list[int], global_grid: int | N
     if net_cfg.distance == "l2":
         model.set_feature_stats(stats["feature_mean"], stats["feature_std"])
     model.set_scale_stats(stats["scale_mean"], stats["scale_std"], stats.get("pos_mean"), stats.get("pos_std"))
-    paths = good_training_images(Path(training["data"]))
-    if cfg.max_train_images:
-        paths = paths[: cfg.max_train_images]
-    train_paths, val_paths = split_holdout(paths, cfg.val_fraction, cfg.seed)
     val_imgs = load_images(val_paths or train_paths, net_cfg.input_hw())
     if net_cfg.global_taps:
         stats |= fit_global_term(model, load_images(train_paths, net_cfg.input_hw()), val_imgs)

@@ -412,8 +412,7 @@ def test_map_settings_rebuild_reproduces_the_bundle_and_applies_a_new_setting(tr
     """map_settings.py: the bundle's student with its own settings and statistics computed again
     scores exactly as the bundle; another blur changes the maps (and so the scores) while the held-out
     parts stay the bundle's."""
-    import numpy as np
-    from map_settings import with_settings
+    from map_settings import bundle_parts, with_settings
 
     from engines.data import good_training_images, load_images, split_holdout
     from engines.train import load_bundle_model, predict
@@ -423,14 +422,16 @@ def test_map_settings_rebuild_reproduces_the_bundle_and_applies_a_new_setting(tr
     imgs = load_images(sorted((synthetic_root / "test").rglob("*.png"))[:8], size)
     want_maps, want_scores = predict(bundle_model, imgs)
 
-    same, held_out = with_settings(trained_bundle)
+    parts = bundle_parts(trained_bundle)
+    held_out = parts[3]
+    same = with_settings(trained_bundle, parts)
     _, expect_held_out = split_holdout(good_training_images(synthetic_root), 0.1, 0)
     assert held_out == expect_held_out and len(held_out) > 0
     maps, scores = predict(same, imgs)
     np.testing.assert_allclose(maps, want_maps, atol=1e-4)
     np.testing.assert_allclose(scores, want_scores, atol=1e-4)
 
-    sharper, _ = with_settings(trained_bundle, blur_sigma=1.0)
+    sharper = with_settings(trained_bundle, parts, blur_sigma=1.0)
     assert sharper.cfg.blur_sigma == 1.0
     maps2, _ = predict(sharper, imgs)
     assert np.abs(maps2 - want_maps).max() > 1e-2
@@ -447,3 +448,25 @@ def test_map_settings_merge_keeps_rows_of_settings_not_measured_again():
     old = [row(4.0, "max", 0.1), row(2.0, "max", 0.2)]
     merged = merge_rows(old, [row(2.0, "max", 0.9), row(1.0, "max", 0.5)])
     assert [(r["blur_sigma"], r["au_pro"]) for r in merged] == [(1.0, 0.5), (2.0, 0.9), (4.0, 0.1)]
+
+
+def test_score_items_scores_maps_and_masks_on_another_grid(synthetic_root):
+    """``grid``: the maps are resized (bilinear) and the masks read at the grid, not at the input."""
+    from engines.data import read_mask
+    from engines.evaluate import score_items
+
+    items = eval_items(synthetic_root)[:6]
+
+    def ramp(imgs):  # a left-to-right ramp at the input size, a score per image
+        n, h, w = imgs.shape[:3]
+        return np.broadcast_to(np.linspace(0, 1, w, dtype=np.float32), (n, h, w)).copy(), np.arange(n, dtype=np.float32)
+
+    maps, scores, masks = score_items(items, 64, ramp, grid=(32, 48))
+    assert np.array_equal(scores, np.arange(6))
+    assert maps.shape == masks.shape == (6, 32, 48)
+    assert np.allclose(maps[:, :, 0], 0, atol=0.02) and np.allclose(maps[:, :, -1], 1, atol=0.02)
+    assert np.all(np.diff(maps[0, 0]) > 0)
+    for it, m in zip(items, masks, strict=True):
+        assert np.array_equal(m, read_mask(it.mask, (32, 48)))
+    same, _, at_input = score_items(items, 64, ramp)
+    assert same.shape == at_input.shape == (6, 64, 64)
