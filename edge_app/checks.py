@@ -34,6 +34,18 @@ def _writable_dir_for(path: Path) -> str | None:
     return None
 
 
+def _writable_file_at(path: Path) -> str | None:
+    """A file the service creates or keeps writing (the SQLite database: it exists after the first
+    start, and SQLite also creates its journal beside it, so its folder must be writable too)."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_file():
+            return f"{p} is not a file"
+        if not os.access(p, os.R_OK | os.W_OK):
+            return f"{p} is not writable by this user"
+    return _writable_dir_for(p.parent)
+
+
 def deep_check(cfg: ServiceConfig) -> list[Problem]:
     from calibration.calibfile import CalibrationError, load_calibration
     from engines import bundle as bundle_mod
@@ -72,8 +84,8 @@ def deep_check(cfg: ServiceConfig) -> list[Problem]:
         except ValueError as exc:
             where = "password_file" if mq.password_file else "password_credential"
             problems.append((("mqtt", where), str(exc), str(mq.password_file or mq.password_credential)))
-    for name in ("database", "archive_dir"):
-        why = _writable_dir_for(getattr(cfg.storage, name))
+    for name, check in (("database", _writable_file_at), ("archive_dir", _writable_dir_for)):
+        why = check(getattr(cfg.storage, name))
         if why:
             problems.append((("storage", name), why, str(getattr(cfg.storage, name))))
     web = cfg.web

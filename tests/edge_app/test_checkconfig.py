@@ -102,3 +102,31 @@ def test_missing_and_mismatched_files_are_named(tmp_path, calibrated, part_image
     cfg.write_text(yaml.safe_dump(data))
     assert main(["check-config", str(cfg)]) == 1
     assert "model.bundle (line" in capsys.readouterr().err
+
+
+def test_a_station_whose_database_exists_passes_and_a_database_that_is_no_file_is_named(
+    tmp_path, calibrated, part_images, capsys
+):
+    """After the first start the SQLite database exists: check-config (the unit's ExecStartPre) must
+    still pass, or the service would never start again; a folder or a read-only file in its place is
+    named."""
+    import os
+    import sqlite3
+
+    cfg = station(tmp_path, calibrated, part_images)
+    db = Path(yaml.safe_load(cfg.read_text())["storage"]["database"])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(db) as con:  # a real database file where the service keeps its decisions
+        con.execute("create table t (x)")
+    assert main(["check-config", str(cfg)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    if os.geteuid() != 0:  # root writes through any mode bits
+        db.chmod(0o444)
+        assert main(["check-config", str(cfg)]) == 1
+        assert "storage.database (line" in capsys.readouterr().err
+        db.chmod(0o644)
+    db.unlink()
+    db.mkdir()
+    assert main(["check-config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "storage.database (line" in err and "is not a file" in err
