@@ -33,3 +33,14 @@ def replace_result(path: Path, out: dict, key: Callable[[dict], tuple] | None = 
     old = [r for r in old if key(r) != key(out)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([*old, out], indent=1) + "\n")
+
+
+def mark_defaults(rows: list[dict]) -> list[dict]:
+    """Every row's ``"default"`` set again from its ``"network"`` record (``engines.train.is_shipped``):
+    the rows of a network that is no longer the shipped default lose the mark, rows without a record
+    (written before records were kept) have none."""
+    from engines.train import is_shipped
+
+    for r in rows:
+        r["default"] = is_shipped(r.get("network"))
+    return rows

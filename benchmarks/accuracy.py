@@ -24,9 +24,11 @@ path): rows also get "fused", the same metrics for our map and the peer's map ea
 with the mean / std of its map pixels on the held-out good images and averaged (image score: the
 fused map's maximum), scored on the same test images from the same run. ``--reuse`` skips training where the work folder
 already holds a completed bundle of exactly these settings (its row keeps that bundle's recorded
-training time), e.g. to fit the peer again with another ``--peer-coreset``; a bundle that differs
-only in ``global_taps`` / ``global_grid`` gets its global term (re)fitted first (``engines.train.refit_global_term``:
-the term is fitted after training, so the result is what ``train`` would have written).
+training time), e.g. to fit the peer again with another ``--peer-coreset``; a bundle there or in another
+work folder that differs only in settings that act after training (``global_taps``, ``global_grid``,
+``blur_sigma``, ``map_stats_from``, ...: ``engines.train.AFTER_TRAINING``) is copied and refitted
+first (``engines.train.refit_after_training``: the student is the same, so the result is what ``train``
+would have written).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ NET_KEYS = (
     "synthetic_lambda",
     "val_fraction",
     "map_stats_from",
+    "blur_sigma",
 )
 OLD_DEFAULTS = {
     "global_taps": [],  # rows from before the global term: the map's score alone
@@ -91,6 +94,7 @@ OLD_DEFAULTS = {
     "synthetic_lambda": 1.0,
     "val_fraction": 0.1,  # rows from before it was a benchmark option
     "map_stats_from": "held_out",  # rows from before stop 32: the map's statistics from the held-out parts
+    "blur_sigma": 4.0,  # rows from before stop 34: the map smoothed with sigma 4
 }
 
 
@@ -112,6 +116,7 @@ OPTIONS = (
     "synthetic_lambda",
     "val_fraction",
     "map_stats_from",
+    "blur_sigma",
 )
 
 
@@ -218,6 +223,9 @@ def main() -> int:
         choices=["training", "held_out"],
         help="parts whose maps give the map's statistics (default: lineinspect train's)",
     )
+    ap.add_argument(
+        "--blur-sigma", type=float, help="Gaussian smoothing of the map, input pixels (default: lineinspect train's)"
+    )
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
     ap.add_argument("--peer-coreset", type=float, default=0.01, help="PatchCore coreset ratio")
@@ -265,9 +273,11 @@ def main() -> int:
                 more += f"-vf{cfg.val_fraction:g}"
             if cfg.map_stats_from != OLD_DEFAULTS["map_stats_from"]:
                 more += f"-stats{cfg.map_stats_from.replace('_', '')}"
+            if cfg.blur_sigma != OLD_DEFAULTS["blur_sigma"]:
+                more += f"-blur{cfg.blur_sigma:g}"
             tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}{more}-s{cfg.seed}"
             bundle = args.work / tag
-            train_s = _reused_seconds(bundle, cfg) if args.reuse else None
+            train_s = _reused_seconds(bundle, cfg, args.work, data) if args.reuse else None
             if train_s is None:
                 t0 = time.perf_counter()
                 train(data, bundle, cfg, quiet=True)
@@ -290,7 +300,7 @@ def main() -> int:
             print(format_plant(res["plant"]), flush=True)
             components = _run_components(data, args, size, model, held_out) if model.global_term is not None else None
             if peer is None and not args.no_peer:
-                peer, peer_score = _run_peer(data, args, size, train_paths, held_out)
+                peer, peer_score = _run_peer(data, args, size, train_paths, held_out, cfg.blur_sigma)
             fused = None
             if args.fuse and peer_score is not None:
                 fused = _run_fused(data, args, size, model, peer_score, held_out)
@@ -314,6 +324,7 @@ def main() -> int:
                 "synthetic_lambda": cfg.synthetic_lambda,
                 "val_fraction": cfg.val_fraction,
                 "map_stats_from": cfg.map_stats_from,
+                "blur_sigma": cfg.blur_sigma,
                 "lr": cfg.lr,
                 "seed": cfg.seed,
                 "image_size": size[0],  # the input's height and width (image_width None: a square)
@@ -356,31 +367,66 @@ def shipped_inputs(root: Path, dataset: str, shipped: TrainConfig) -> tuple[int,
     return _SHIPPED_INPUTS[where]
 
 
-def _reused_seconds(bundle: Path, cfg: TrainConfig) -> float | None:
-    """The recorded training time of ``bundle`` if it was trained to completion with ``cfg``, else None."""
+def _trained_with(bundle: Path) -> dict | None:
+    """The training record of a bundle trained to completion (None: not one), its config completed
+    with the values of settings added since (what the bundle was trained with)."""
     try:
         training = json.loads((bundle / "model.json").read_text())["training"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    want = cfg.model_dump(mode="json")
-    have = dict(training.get("config") or {})
-    term = ("global_taps", "global_grid")
+    if training.get("interrupted") or not isinstance(training.get("config"), dict):
+        return None
+    have = dict(training["config"])
     have.setdefault("global_taps", [])
     have.setdefault("global_grid", 0)  # trained before the term's grid existed
     have.setdefault("image_width", None)  # ... and before non-square inputs
     have.setdefault("map_stats_from", OLD_DEFAULTS["map_stats_from"])  # ... and before map_stats_from
-    if training.get("interrupted") or {k: v for k, v in have.items() if k not in term} != {
-        k: v for k, v in want.items() if k not in term
-    }:
-        return None
-    if any(have[k] != want[k] for k in term):
-        # the global term is fitted after training, on the same split: fit it as train would
-        from engines.train import refit_global_term
+    return {**training, "config": have}
 
-        print(f"fitting the global term {want['global_taps']} (grid {want['global_grid']}) to {bundle}")
-        refit_global_term(bundle, want["global_taps"], want["global_grid"])
-    print(f"reusing {bundle} (trained in {training['seconds']:.0f} s)")
-    return float(training["seconds"])
+
+def _reused_seconds(bundle: Path, cfg: TrainConfig, work: Path | None = None, data: Path | None = None) -> float | None:
+    """The recorded training time of ``bundle`` if it holds a bundle trained to completion with
+    ``cfg`` (on ``data``, when given), else None. A bundle (there, or elsewhere in ``work``) whose
+    settings differ only in what acts after training (``engines.train.AFTER_TRAINING``) is copied
+    there and given ``cfg``'s values of them (``refit_after_training``: what train would have
+    written); its recorded time stands, since training is the same."""
+    import shutil
+
+    from engines.train import AFTER_TRAINING, refit_after_training
+
+    want = cfg.model_dump(mode="json")
+
+    def student_of(record: dict | None) -> bool:
+        return (
+            record is not None
+            and (data is None or record.get("data") == str(Path(data).resolve()))
+            and all(record["config"].get(k) == v for k, v in want.items() if k not in AFTER_TRAINING)
+        )
+
+    def changes_for(record: dict) -> dict:
+        return {k: v for k, v in want.items() if k in AFTER_TRAINING and record["config"].get(k) != v}
+
+    own = _trained_with(bundle)
+    source = bundle if student_of(own) else None
+    if source is None and work is not None and work.is_dir():
+        found = [(p, _trained_with(p)) for p in sorted(work.iterdir()) if p.is_dir() and p != bundle]
+        found = [(p, r) for p, r in found if student_of(r)]
+        if found:  # the one needing the fewest changes
+            source, own = min(found, key=lambda f: len(changes_for(f[1])))
+    if source is None:
+        return None
+    changes = changes_for(own)
+    if source != bundle:
+        if bundle.exists():
+            shutil.rmtree(bundle)
+        bundle.mkdir(parents=True)
+        for name in ("model.json", "student.pt"):
+            shutil.copy2(source / name, bundle / name)
+    if changes:
+        print(f"refitting {', '.join(sorted(changes))} of {source} after training, into {bundle}")
+        refit_after_training(bundle, **changes)
+    print(f"reusing the student of {source} (trained in {own['seconds']:.0f} s)")
+    return float(own["seconds"])
 
 
 class Memo:
@@ -445,17 +491,17 @@ def _run_fused(data: Path, args, size: tuple[int, int], model, peer_fn, held_out
 
 
 def _run_peer(
-    data: Path, args, size: tuple[int, int], train_paths: list[Path], held_out: list[Path]
+    data: Path, args, size: tuple[int, int], train_paths: list[Path], held_out: list[Path], blur_sigma: float
 ) -> tuple[dict, Memo]:
-    """PatchCore fitted on exactly the images our network trained on, scored like ours; also its
-    (remembering) score function."""
+    """PatchCore fitted on exactly the images our network trained on, its map smoothed as ours
+    (``blur_sigma``), scored like ours; also its (remembering) score function."""
     from patchcore import PatchCore, PatchCoreConfig
 
     from engines.data import load_images
     from engines.evaluate import evaluate, format_plant, format_table
 
     t0 = time.perf_counter()
-    pc = PatchCore(PatchCoreConfig(coreset_ratio=args.peer_coreset), seed=args.seed)
+    pc = PatchCore(PatchCoreConfig(coreset_ratio=args.peer_coreset, blur_sigma=blur_sigma), seed=args.seed)
     pc.fit(load_images(train_paths, size))
     fit_s = time.perf_counter() - t0
     score = Memo(pc.predict)
@@ -468,6 +514,7 @@ def _run_peer(
     print(format_plant(res["plant"]), flush=True)
     return {
         "method": f"patchcore (teacher taps {','.join(map(str, pc.cfg.taps))}, coreset {args.peer_coreset:g})",
+        "blur_sigma": blur_sigma,
         **_summary(res),
         "fit_seconds": round(fit_s, 1),
     }, score

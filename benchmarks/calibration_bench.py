@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _machine import machine_name  # noqa: E402
+from _machine import machine_name, mark_defaults  # noqa: E402
 
 
 def main() -> int:
@@ -34,23 +34,26 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=HERE / "results" / "calibration.json")
     args = ap.parse_args()
 
-    from latency import is_default, model_label
+    from latency import model_label
 
     from calibration.stats import image_threshold
     from engines.bundle import read_meta
-    from engines.data import eval_items, good_training_images, load_images, split_holdout
+    from engines.data import eval_items, load_images
+    from engines.evaluate import held_out_goods
     from engines.runtime import load_runtime
-    from engines.train import TrainConfig
+    from engines.train import is_shipped, network_record
 
     meta = read_meta(args.bundle)
-    stats_from = meta["map_stats"].get("map_stats_from", "held_out")  # bundles before stop 32: held out
+    network = network_record(meta)
     if not meta.get("onnx"):
         from engines.export import export_bundle
 
         export_bundle(args.bundle)
     data = args.data or Path(meta["training"]["data"])
-    cfg = meta["training"]["config"]
-    _, held_out = split_holdout(good_training_images(data), cfg["val_fraction"], cfg["seed"])
+    held_out = held_out_goods(meta)  # the split train made (never trained on)
+    if not held_out:
+        print(f"error: the good parts {args.bundle} held out of training are not on disk", file=sys.stderr)
+        return 2
     rt = load_runtime("onnxruntime", args.bundle)
     size = rt.size
     _, good_scores = rt.predict(load_images(held_out, size))
@@ -79,9 +82,10 @@ def main() -> int:
         "miss_rate_all": round(miss_all, 4),
         "machine": machine_name(),
         "model": model_label(args.bundle),
-        "map_stats_from": stats_from,
+        "map_stats_from": network["map_stats_from"],
         # the shipped network with the shipped map statistics (the threshold depends on both)
-        "default": is_default(args.bundle) and stats_from == TrainConfig().map_stats_from,
+        "network": network,
+        "default": is_shipped(network),
     }
     print(f"machine: {row['machine']}")
     print(f"{data.name}: {len(good_scores)} held-out good parts -> threshold {thr.threshold:.4f} ({thr.method})")
@@ -100,7 +104,7 @@ def main() -> int:
         old = json.loads(args.results.read_text())
         rows = [r for r in (old if isinstance(old, list) else [old]) if r["dataset"] != row["dataset"]]
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps([*rows, row], indent=2) + "\n")
+    args.results.write_text(json.dumps(mark_defaults([*rows, row]), indent=2) + "\n")
     return 0
 
 

@@ -35,7 +35,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from _machine import machine_name  # noqa: E402
+from _machine import machine_name, mark_defaults  # noqa: E402
 
 from edge_app.demo import start_broker  # noqa: E402
 
@@ -280,7 +280,7 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=HERE / "results" / "e2e.json")
     args = ap.parse_args()
 
-    from latency import ensure_bundle, is_default, model_label
+    from latency import ensure_bundle, is_default, model_label, network
 
     bundle = ensure_bundle(args.bundle, args.size)
     work = Path(tempfile.mkdtemp(prefix="lineinspect-e2e-"))
@@ -311,7 +311,7 @@ def main() -> int:
         }
         rows.append(run_case(bench, "pylon", pylon_cam, args.pylon_frames, 120))
         for r in rows:
-            r["model"], r["default"] = model_label(bundle), is_default(bundle)
+            r["model"], r["network"], r["default"] = model_label(bundle), network(bundle), is_default(bundle)
     finally:
         broker.terminate()
         broker.wait(10)
@@ -342,7 +342,7 @@ def main() -> int:
         )
     old = json.loads(args.results.read_text()) if args.results.is_file() else []
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(merge_rows(old, rows), indent=2) + "\n")
+    args.results.write_text(json.dumps(mark_defaults(merge_rows(old, rows)), indent=2) + "\n")
     return 0
 
 

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _machine import machine_name  # noqa: E402
+from _machine import machine_name, mark_defaults  # noqa: E402
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would count the parent's memory.
 RSS_SCRIPT = r"""
@@ -162,16 +162,18 @@ def model_label(bundle: Path) -> str:
     return f"{bundle.name} (taps {taps}, {shape} student, {net.get('distance', 'cosine')}{term}{wide})"
 
 
-def is_default(bundle: Path) -> bool:
-    """True when the bundle's network is the one ``lineinspect train`` ships, at the bundle's own
-    input (which input train chooses depends on the training images: ``image_width: auto``)."""
-    from engines.model import NetConfig
-    from engines.train import TrainConfig
+def network(bundle: Path) -> dict:
+    """The bundle's ``network_record`` (what its row's ``"default"`` is decided from)."""
+    from engines.train import network_record
 
-    net = NetConfig.from_json(json.loads((bundle / "model.json").read_text())["net"])  # older keys filled in
-    h, w = net.input_hw()
-    shipped = TrainConfig(image_size=h, image_width="square" if w == h else w).net_config()
-    return net.to_json() == shipped.to_json()
+    return network_record(json.loads((bundle / "model.json").read_text()))
+
+
+def is_default(bundle: Path) -> bool:
+    """True when the bundle is the network ``lineinspect train`` ships, at the bundle's own input."""
+    from engines.train import is_shipped
+
+    return is_shipped(network(bundle))
 
 
 def main() -> int:
@@ -262,6 +264,7 @@ def main() -> int:
                     else None,
                     "machine": machine,
                     "model": model_label(bundle),
+                    "network": network(bundle),
                     "default": is_default(bundle),
                 }
             )
@@ -283,7 +286,7 @@ def main() -> int:
     old = json.loads(args.results.read_text()) if args.append and args.results.is_file() else []
     old = [r for r in old if r.get("machine") != machine]
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(old + rows, indent=2) + "\n")
+    args.results.write_text(json.dumps(mark_defaults(old + rows), indent=2) + "\n")
     return 0
 
 

@@ -262,8 +262,10 @@ def main_evaluate(args) -> int:
 
 
 def held_out_goods(meta: dict) -> list[Path] | None:
-    """The good images ``lineinspect train`` held out of training (same seeded split), if still on disk."""
-    from engines.data import DatasetError, good_training_images, split_holdout
+    """The good images ``lineinspect train`` held out of training (its split: ``bundle_split``), if
+    still on disk."""
+    from engines.data import DatasetError
+    from engines.train import bundle_split
 
     training = meta.get("training") or {}
     cfg = training.get("config") or {}
@@ -271,10 +273,9 @@ def held_out_goods(meta: dict) -> list[Path] | None:
     if not data or not Path(data).exists() or not cfg.get("val_fraction"):
         return None
     try:
-        _, held_out = split_holdout(good_training_images(Path(data)), cfg["val_fraction"], cfg.get("seed", 0))
-    except DatasetError:
+        return bundle_split(meta)[2]
+    except (DatasetError, ValueError):  # the folder no longer holds good images; a config this version cannot read
         return None
-    return held_out
 
 
 def format_plant(plant: dict | None) -> str:

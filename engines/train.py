@@ -139,7 +139,12 @@ class TrainConfig(BaseModel):
         description="the global term also pools each tap's channel means over the cells of an N x N grid of the "
         "image (a region that is off, not only the whole part); 0: the whole image's mean and spread only, as before",
     )
-    blur_sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the fused map, input pixels")
+    blur_sigma: float = Field(
+        2.0,
+        ge=0,
+        description="Gaussian smoothing of the fused map, input pixels (2 since stop 34; bundles keep their own, "
+        "4 before)",
+    )
     fuse_stride: Literal[1, 2, 4] = Field(4, description="fuse and smooth the maps at 1/N of the input size")
     score: Literal["max", "topk"] = Field("max", description="image score from the map")
     topk_fraction: float = Field(0.001, gt=0, le=1, description="fraction of pixels averaged with score=topk")
@@ -428,6 +433,29 @@ def bundle_split(meta: dict[str, Any]) -> tuple[TrainConfig, list[Path], list[Pa
         paths = paths[: cfg.max_train_images]
     train_paths, val_paths = split_holdout(paths, cfg.val_fraction, cfg.seed)
     return cfg, train_paths, val_paths
+
+
+def network_record(meta: dict[str, Any]) -> dict[str, Any]:
+    """What decides a bundle's maps and scores besides its weights, as a benchmark row records it:
+    its network (``NetConfig``, the values of keys added since filled in) and the parts its map's
+    statistics came from (bundles from before stop 32: the held-out ones)."""
+    return {
+        "net": NetConfig.from_json(meta["net"]).to_json(),
+        "map_stats_from": (meta.get("map_stats") or {}).get("map_stats_from", "held_out"),
+    }
+
+
+def is_shipped(record: dict[str, Any] | None) -> bool:
+    """Whether a ``network_record`` is the network ``lineinspect train`` ships now, at the record's
+    own input (which input train chooses depends on the training images: ``image_width: auto``).
+    The one place that decides a benchmark row's ``"default"``; no record (a row from before
+    records were kept) is not the default."""
+    if not record or "net" not in record:
+        return False
+    net = NetConfig.from_json(record["net"])
+    h, w = net.input_hw()
+    shipped = TrainConfig(image_size=h, image_width="square" if w == h else w)
+    return net.to_json() == shipped.net_config().to_json() and record.get("map_stats_from") == shipped.map_stats_from
 
 
 def score_halves(model: KDModel, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -778,18 +806,37 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
     return meta
 
 
-def refit_global_term(bundle: Path, global_taps: list[int], global_grid: int | None = None) -> dict[str, Any]:
-    """Give a trained bundle the global term of ``global_taps`` ([]: none) and ``global_grid``
-    (None: the bundle's own training setting, TrainConfig's default for bundles trained before the
-    grid existed), exactly as ``train`` fits it: the term is fitted after training
-    on the same split, so the student is untouched. Rewrites student.pt and model.json (an exported
-    graph no longer matches and is removed)."""
+# TrainConfig settings that act only after the student is trained (the map's statistics, the map's
+# smoothing and image score, the global term): a trained bundle takes other values of them without
+# training again (``refit_after_training``), and the result is what ``train`` would have written
+AFTER_TRAINING = frozenset(
+    {
+        "global_taps",
+        "global_grid",
+        "blur_sigma",
+        "score",
+        "topk_fraction",
+        "scale_weights",
+        "position_spread_images",
+        "map_stats_from",
+    }
+)
+
+
+def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
+    """Give a trained bundle other values of the ``AFTER_TRAINING`` settings, exactly as ``train``
+    would have written it with them: the student is kept bit for bit; the map's statistics, the
+    global term (none for ``global_taps=[]``) and the score statistics are computed again on the
+    bundle's own split. Rewrites student.pt and model.json (an exported graph no longer matches and
+    is removed). A bundle that does not load (``load_bundle_model``'s checks) is refused unchanged."""
+    other = sorted(set(changes) - AFTER_TRAINING)
+    if other:
+        msg = f"{', '.join(other)} change(s) the training itself: train again instead"
+        raise ValueError(msg)
     bundle = Path(bundle)
     meta = bundle_mod.read_meta(bundle)
     cfg, train_paths, val_paths = bundle_split(meta)
-    cfg.global_taps = list(global_taps)
-    if global_grid is not None:
-        cfg.global_grid = global_grid
+    cfg = TrainConfig(**(cfg.model_dump() | changes))
     net_cfg = cfg.net_config()
     model = KDModel(bundle_teacher(meta, net_cfg.teacher_taps(), cfg.teacher_weights), net_cfg).eval()
     # the student only: the old term's Gaussian (if any) is what this replaces
@@ -799,18 +846,21 @@ def refit_global_term(bundle: Path, global_taps: list[int], global_grid: int | N
             {k: v for k, v in sd.items() if not k.startswith(GLOBAL_PREFIX)}, strict=True
         ),
     )
-    stats = {k: v for k, v in meta["map_stats"].items() if k not in ("score_stats", "global_term", "good_score")}
+    old = meta["map_stats"]
+    stats = {k: old[k] for k in ("feature_mean", "feature_std") if k in old}  # of the training parts: kept
     if net_cfg.distance == "l2":
         model.set_feature_stats(stats["feature_mean"], stats["feature_std"])
-    model.set_scale_stats(stats["scale_mean"], stats["scale_std"], stats.get("pos_mean"), stats.get("pos_std"))
-    val_imgs = load_images(val_paths or train_paths, net_cfg.input_hw())
+    size = net_cfg.input_hw()
+    train_imgs = load_images(train_paths, size)
+    val_imgs = load_images(val_paths, size) if val_paths else train_imgs
+    stats |= map_statistics(model, cfg, train_imgs, val_imgs)
     if net_cfg.global_taps:
-        stats |= fit_global_term(model, load_images(train_paths, net_cfg.input_hw()), val_imgs)
+        stats |= fit_global_term(model, train_imgs, val_imgs)
     stats["good_score"] = good_score_summary(model, val_imgs)
     meta["net"] = net_cfg.to_json()
     meta["map_stats"] = stats
     meta["training"]["config"] = cfg.model_dump(mode="json")
-    meta["training"]["global_term_refitted_at"] = bundle_mod.utc_now()
+    meta["training"]["refitted"] = {"at": bundle_mod.utc_now(), "settings": sorted(changes)}
     onnx_path = bundle / bundle_mod.MODEL_ONNX
     onnx_path.unlink(missing_ok=True)
     meta["onnx"] = None

@@ -124,6 +124,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         "global_taps": list(shipped.global_taps),
         "global_grid": shipped.global_grid,
         "map_stats_from": shipped.map_stats_from,
+        "blur_sigma": shipped.blur_sigma,
     }
     assert accuracy.is_default(row, shipped)
     for key, other in [
@@ -135,6 +136,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         ("reverse_width", 96),
         ("global_grid", 0),
         ("map_stats_from", "held_out"),
+        ("blur_sigma", 4.0),
     ]:
         assert not accuracy.is_default({**row, key: other}, shipped), key
     # a row from before the global term is a network without it
@@ -152,6 +154,10 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
     before = {k: v for k, v in row.items() if k != "map_stats_from"}
     assert not accuracy.is_default(before, shipped)
     assert accuracy.is_default(before, TrainConfig(map_stats_from="held_out"))
+    # a row from before stop 34 has no blur_sigma: its map was smoothed with sigma 4
+    unblurred = {k: v for k, v in row.items() if k != "blur_sigma"}
+    assert not accuracy.is_default(unblurred, shipped)
+    assert accuracy.is_default(unblurred, TrainConfig(blur_sigma=4.0))
 
 
 def test_fused_map_standardises_each_map_on_its_own_good_statistics():
@@ -470,3 +476,78 @@ def test_score_items_scores_maps_and_masks_on_another_grid(synthetic_root):
         assert np.array_equal(m, read_mask(it.mask, (32, 48)))
     same, _, at_input = score_items(items, 64, ramp)
     assert same.shape == at_input.shape == (6, 64, 64)
+
+
+def test_held_out_goods_are_the_split_train_made_of_at_most_max_train_images(synthetic_root):
+    """The plant metric's calibration parts are the ones training held out: with max_train_images
+    the split is made of the first that many good images, as train makes it."""
+    from engines.data import good_training_images, split_holdout
+    from engines.evaluate import held_out_goods
+    from engines.train import TrainConfig
+
+    cfg = TrainConfig(max_train_images=12, val_fraction=0.25, seed=1)
+    meta = {"training": {"data": str(synthetic_root), "config": cfg.model_dump(mode="json")}}
+    paths = good_training_images(synthetic_root)
+    assert len(paths) > 12
+    want = split_holdout(paths[:12], 0.25, 1)[1]
+    assert held_out_goods(meta) == want
+    assert len(want) == 3 and set(want) <= set(paths[:12])
+    no_split = {"training": {**meta["training"], "config": {**meta["training"]["config"], "val_fraction": 0.0}}}
+    assert held_out_goods(no_split) is None
+
+
+def test_accuracy_reuse_refits_another_folders_student_for_a_setting_after_training(
+    tmp_path, trained_bundle, synthetic_root
+):
+    """--reuse with a setting that acts only after training (the map's blur) finds the bundle of
+    the same student in another work folder, copies it and refits it there; the source stays as
+    it was, a bundle of other data or of another training setting is not taken."""
+    import json
+    import shutil
+
+    import accuracy
+
+    from engines.train import TrainConfig
+
+    work = tmp_path / "work"
+    shutil.copytree(trained_bundle, work / "a", ignore=shutil.ignore_patterns("eval", "*.onnx"))
+    meta = json.loads((work / "a" / "model.json").read_text())
+    trained = TrainConfig(**meta["training"]["config"])
+    before = (work / "a" / "model.json").read_bytes()
+    sharper = TrainConfig(**(trained.model_dump() | {"blur_sigma": 1.0}))
+    assert accuracy._reused_seconds(work / "b", sharper, work, tmp_path / "elsewhere") is None
+    longer = TrainConfig(**(sharper.model_dump() | {"epochs": trained.epochs + 1}))
+    assert accuracy._reused_seconds(work / "b", longer, work, synthetic_root) is None
+    assert not (work / "b").exists()
+    seconds = accuracy._reused_seconds(work / "b", sharper, work, synthetic_root)
+    assert seconds == meta["training"]["seconds"]
+    assert (work / "a" / "model.json").read_bytes() == before
+    refit = json.loads((work / "b" / "model.json").read_text())
+    assert refit["net"]["blur_sigma"] == 1.0 and meta["net"]["blur_sigma"] == trained.blur_sigma != 1.0
+    assert refit["training"]["refitted"]["settings"] == ["blur_sigma"]
+    # the refitted folder itself is now the bundle of those settings: reused as it is
+    stamp = (work / "b" / "model.json").read_bytes()
+    assert accuracy._reused_seconds(work / "b", sharper, work, synthetic_root) == seconds
+    assert (work / "b" / "model.json").read_bytes() == stamp
+
+
+def test_benchmark_rows_are_marked_default_from_their_network_record(trained_bundle):
+    """latency / e2e / calibration rows carry the bundle's network record; one rule
+    (``is_shipped``) re-marks every row of a results file: a bundle of the shipped settings is the
+    default, the same bundle with the previous blur or statistics is not, and an old row without a
+    record loses its mark."""
+    import copy
+
+    from _machine import mark_defaults
+    from latency import is_default, network
+
+    from engines.train import is_shipped
+
+    record = network(trained_bundle)
+    assert is_shipped(record) and is_default(trained_bundle)
+    blur4 = copy.deepcopy(record)
+    blur4["net"]["blur_sigma"] = 4.0
+    held = {**record, "map_stats_from": "held_out"}
+    assert not is_shipped(blur4) and not is_shipped(held) and not is_shipped(None)
+    rows = [{"network": record, "default": False}, {"network": blur4, "default": True}, {"default": True}]
+    assert [r["default"] for r in mark_defaults(rows)] == [True, False, False]

@@ -14,7 +14,7 @@ from engines.gaussian import fit_gaussian, ledoit_wolf, mahalanobis
 from engines.metrics import auroc
 from engines.model import GlobalTerm, KDModel, NetConfig, grid_matrix
 from engines.teacher import EfficientNetLite0, Teacher
-from engines.train import TrainConfig, load_bundle_model, predict, refit_global_term, score_halves, train
+from engines.train import TrainConfig, load_bundle_model, predict, refit_after_training, score_halves, train
 
 
 def test_ledoit_wolf_against_the_textbook_formula():
@@ -179,7 +179,7 @@ def test_weights_without_their_term_are_refused(tmp_path: Path, trained_bundle: 
 
 
 def test_refitting_the_term_onto_a_bundle_equals_training_with_it(tmp_path: Path, synthetic_root: Path):
-    """refit_global_term (what accuracy.py --reuse does) gives exactly what train gives, and
+    """refit_after_training (what accuracy.py --reuse does) gives exactly what train gives, and
     takes the term off again: the student is untouched by it."""
     base = dict(image_size=64, epochs=1, batch_size=4, max_train_images=12, num_threads=1, device="cpu")
     train(synthetic_root, tmp_path / "with", TrainConfig(**base), quiet=True)
@@ -187,21 +187,45 @@ def test_refitting_the_term_onto_a_bundle_equals_training_with_it(tmp_path: Path
     imgs = load_images([it.path for it in eval_items(synthetic_root)][:8], 64)
     m_without, s_without = predict(load_bundle_model(tmp_path / "without"), imgs)
     assert load_bundle_model(tmp_path / "without").global_term is None
-    refit_global_term(tmp_path / "without", TrainConfig().global_taps)
+    refit_after_training(tmp_path / "without", global_taps=TrainConfig().global_taps)
     m_with, s_with = predict(load_bundle_model(tmp_path / "with"), imgs)
     m_refit, s_refit = predict(load_bundle_model(tmp_path / "without"), imgs)
     np.testing.assert_allclose(m_refit, m_with, atol=1e-5)
     np.testing.assert_allclose(s_refit, s_with, atol=1e-4)
     assert not np.allclose(s_refit, s_without)
-    refit_global_term(tmp_path / "without", [])
+    refit_after_training(tmp_path / "without", global_taps=[])
     m_back, s_back = predict(load_bundle_model(tmp_path / "without"), imgs)
     np.testing.assert_allclose(s_back, s_without, atol=1e-5)
     np.testing.assert_allclose(m_back, m_without, atol=1e-5)
 
 
+def test_refitting_the_map_settings_equals_training_with_them(tmp_path: Path, synthetic_root: Path):
+    """A bundle trained with one blur and map statistics, refitted with others
+    (``refit_after_training``), scores exactly like a bundle trained with those; a setting that
+    changes the training itself is refused and the bundle is left as it was."""
+    base = dict(image_size=64, epochs=1, batch_size=4, max_train_images=12, num_threads=1, device="cpu")
+    other = dict(blur_sigma=1.0, map_stats_from="held_out", position_spread_images=4)
+    train(synthetic_root, tmp_path / "wanted", TrainConfig(**base, **other), quiet=True)
+    train(synthetic_root, tmp_path / "refit", TrainConfig(**base), quiet=True)
+    imgs = load_images([it.path for it in eval_items(synthetic_root)][:8], 64)
+    m_before, _ = predict(load_bundle_model(tmp_path / "refit"), imgs)
+    before = (tmp_path / "refit" / "model.json").read_bytes()
+    with pytest.raises(ValueError, match="epochs change"):
+        refit_after_training(tmp_path / "refit", epochs=3, blur_sigma=1.0)
+    assert (tmp_path / "refit" / "model.json").read_bytes() == before
+    meta = refit_after_training(tmp_path / "refit", **other)
+    assert meta["net"]["blur_sigma"] == 1.0 and meta["map_stats"]["map_stats_from"] == "held_out"
+    assert meta["training"]["config"]["blur_sigma"] == 1.0
+    m_want, s_want = predict(load_bundle_model(tmp_path / "wanted"), imgs)
+    m_refit, s_refit = predict(load_bundle_model(tmp_path / "refit"), imgs)
+    np.testing.assert_allclose(m_refit, m_want, atol=1e-5)
+    np.testing.assert_allclose(s_refit, s_want, atol=1e-4)
+    assert not np.allclose(m_refit, m_before, atol=1e-3)
+
+
 @pytest.mark.parametrize("fault", ["truncated", "missing", "other_teacher"])
 def test_refitting_refuses_a_broken_bundle_and_leaves_it(tmp_path: Path, trained_bundle: Path, fault: str):
-    """refit_global_term reads the bundle through the same checks as load_bundle_model: a
+    """refit_after_training reads the bundle through the same checks as load_bundle_model: a
     half-written or missing student.pt, or a bundle of another teacher, is a BundleError naming
     it, and nothing in the bundle is rewritten."""
     bad = tmp_path / "bad"
@@ -219,7 +243,7 @@ def test_refitting_refuses_a_broken_bundle_and_leaves_it(tmp_path: Path, trained
         (bad / "model.json").write_text(json.dumps(meta))
         match = "teacher weights sha256"
     before = {p.name: p.read_bytes() for p in bad.iterdir() if p.is_file()}
-    for load in (lambda: load_bundle_model(bad), lambda: refit_global_term(bad, [])):
+    for load in (lambda: load_bundle_model(bad), lambda: refit_after_training(bad, global_taps=[])):
         with pytest.raises(bundle_mod.BundleError, match=match):
             load()
     assert {p.name: p.read_bytes() for p in bad.iterdir() if p.is_file()} == before
