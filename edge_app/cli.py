@@ -28,6 +28,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_refit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "refit",
+        help="give a trained bundle other map / score settings without training again (then export and calibrate)",
+    )
+    p.add_argument("--bundle", required=True, help="trained bundle folder (its training data must still be on disk)")
+    p.add_argument("--blur-sigma", type=float, help="Gaussian smoothing of the map, input pixels (default now: 2)")
+    p.add_argument("--map-stats-from", choices=["training", "held_out"], help="parts the map's statistics come from")
+    p.add_argument("--position-spread-images", type=int, help="training parts for the map's statistics / spread")
+    p.add_argument("--score", choices=["max", "topk"], help="the map's image score")
+    p.add_argument("--topk-fraction", type=float, help="fraction of pixels averaged with --score topk")
+    p.add_argument("--global-taps", type=int, nargs="*", help="teacher blocks of the global term (none given: no term)")
+    p.add_argument("--global-grid", type=int, help="cells per side of the global term's grid")
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="image/pixel AUROC, AU-PRO, F1-max on an MVTec-style test split")
     p.add_argument("--bundle", required=True, help="model bundle folder")
@@ -137,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
+    _add_refit(sub)
     _add_evaluate(sub)
     _add_synthetic(sub)
     _add_export(sub)
@@ -162,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         from engines.train import main_train
 
         return main_train(args)
+    if args.command == "refit":
+        from engines.train import main_refit
+
+        return main_refit(args)
     if args.command == "evaluate":
         from engines.evaluate import main_evaluate
 

@@ -835,6 +835,13 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
         raise ValueError(msg)
     bundle = Path(bundle)
     meta = bundle_mod.read_meta(bundle)
+    data = (meta.get("training") or {}).get("data")
+    if not data or not Path(data).is_dir():
+        msg = (
+            f"{bundle} cannot be refitted here: the good images it was trained on ({data}) are not on disk, and "
+            "the map's statistics and the global term come from them (train again instead)"
+        )
+        raise DatasetError(msg)
     cfg, train_paths, val_paths = bundle_split(meta)
     cfg = TrainConfig(**(cfg.model_dump() | changes))
     net_cfg = cfg.net_config()
@@ -916,5 +923,36 @@ def main_train(args) -> int:
     print(
         f"bundle written to {args.out}: {meta['training']['epochs_completed']} epochs in "
         f"{meta['training']['seconds']:.0f} s, good score p99 {meta['map_stats']['good_score']['p99']:.3f}"
+    )
+    return 0
+
+
+def main_refit(args) -> int:
+    """Entry point used by the CLI (``lineinspect refit``): the settings given on the command line,
+    applied to a trained bundle by ``refit_after_training``."""
+    names = (
+        "blur_sigma",
+        "map_stats_from",
+        "position_spread_images",
+        "score",
+        "topk_fraction",
+        "global_taps",
+        "global_grid",
+    )
+    changes = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if not changes:
+        print("error: nothing to change: give at least one setting (see lineinspect refit --help)", file=sys.stderr)
+        return 2
+    try:
+        before = bundle_mod.read_meta(Path(args.bundle))
+        meta = refit_after_training(Path(args.bundle), **changes)
+    except (DatasetError, bundle_mod.BundleError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    old = (before.get("training") or {}).get("config") or {}
+    said = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in changes.items())
+    print(
+        f"{args.bundle} refitted ({said}), good score p99 {meta['map_stats']['good_score']['p99']:.3f}; its scores "
+        "changed: export it again (lineinspect export) and calibrate the station again"
     )
     return 0

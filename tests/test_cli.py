@@ -114,3 +114,39 @@ def test_evaluate_without_masks_reports_image_and_plant_metrics(tmp_path: Path, 
     assert code == 0, out
     assert "pixel AUROC and AU-PRO are not available" in out
     assert "at a 1% false-reject target" in out and "observed false rejects" in out and "scratch" in out
+
+
+def test_refit_gives_a_bundle_another_blur_and_refuses_what_it_cannot_do(tmp_path: Path, capsys, trained_bundle):
+    """lineinspect refit: another blur without training again (the exported graph, which no longer
+    matches, is removed and the output says to export and calibrate again); nothing to change, a
+    bad value, or a bundle whose training images are gone: exit 2 with the reason, bundle untouched."""
+    import json
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(trained_bundle, bundle, ignore=shutil.ignore_patterns("eval"))
+    (bundle / "model.onnx").write_bytes(b"stale graph")
+
+    def files() -> dict:
+        return {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+
+    before = files()
+    code, err = run(capsys, "refit", "--bundle", str(bundle))
+    assert code == 2 and "nothing to change" in err
+    code, err = run(capsys, "refit", "--bundle", str(bundle), "--blur-sigma", "-1")
+    assert code == 2 and "blur_sigma" in err
+    gone = tmp_path / "gone"
+    shutil.copytree(bundle, gone)
+    meta = json.loads((gone / "model.json").read_text())
+    meta["training"]["data"] = str(tmp_path / "moved-away")
+    (gone / "model.json").write_text(json.dumps(meta))
+    code, err = run(capsys, "refit", "--bundle", str(gone), "--blur-sigma", "1")
+    assert code == 2 and "moved-away" in err and "not on disk" in err
+    assert files() == before
+
+    code = main(["refit", "--bundle", str(bundle), "--blur-sigma", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "blur_sigma 2.0 -> 1.0" in out and "export it again" in out
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["net"]["blur_sigma"] == 1.0 and meta["onnx"] is None and not (bundle / "model.onnx").exists()
+    assert meta["map_stats"]["pos_mean"] != json.loads(before["model.json"])["map_stats"]["pos_mean"]
