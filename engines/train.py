@@ -424,10 +424,22 @@ def fit_score_stats(model: KDModel, held_out: np.ndarray, batch_size: int = 16) 
 
 
 def bundle_split(meta: dict[str, Any]) -> tuple[TrainConfig, list[Path], list[Path]]:
-    """A bundle's training settings (bundles from before image_width: square) and the split of its
-    training folder into training and held-out good parts that ``train`` made."""
+    """A bundle's training settings as it was written (a setting added since takes the value the
+    bundle was written with, from its network and statistics, not today's default) and the split
+    of its training folder into training and held-out good parts that ``train`` made."""
     training = meta.get("training") or {}
-    cfg = TrainConfig(**{"image_width": None, **(training.get("config") or {})})
+    config = {"image_width": None, **(training.get("config") or {})}  # before image_width: square
+    if "net" in meta:
+        net = NetConfig.from_json(meta["net"])  # its own older keys filled in
+        for key in ("student", "student_expand", "reverse_width", "distance", "blur_sigma", "score", "topk_fraction"):
+            config.setdefault(key, getattr(net, key))
+        config.setdefault("fuse_stride", net.fuse_stride)
+        config.setdefault("global_taps", list(net.global_taps))
+        config.setdefault("global_grid", net.global_grid)
+    stats = meta.get("map_stats") or {}
+    config.setdefault("map_stats_from", stats.get("map_stats_from", "held_out"))  # before stop 32: held out
+    config.setdefault("position_spread_images", 300 if isinstance(stats.get("pos_std"), list) else 0)
+    cfg = TrainConfig(**config)
     paths = good_training_images(Path(training["data"]))
     if cfg.max_train_images:
         paths = paths[: cfg.max_train_images]

@@ -247,3 +247,27 @@ def test_refitting_refuses_a_broken_bundle_and_leaves_it(tmp_path: Path, trained
         with pytest.raises(bundle_mod.BundleError, match=match):
             load()
     assert {p.name: p.read_bytes() for p in bad.iterdir() if p.is_file()} == before
+
+
+def test_a_bundle_from_before_a_setting_is_refitted_with_the_value_it_was_written_with(trained_bundle: Path):
+    """``bundle_split`` (what refit and the plant metric read) fills a setting the bundle's
+    training record lacks with the value the bundle was written with, not today's default: an
+    old bundle refitted with another blur keeps its map statistics' source, its blur and its term."""
+    from engines.train import bundle_split
+
+    meta = json.loads((trained_bundle / "model.json").read_text())
+    old = json.loads(json.dumps(meta))
+    for key in ("map_stats_from", "blur_sigma", "global_taps", "global_grid", "position_spread_images"):
+        old["training"]["config"].pop(key)
+    old["map_stats"].pop("map_stats_from")
+    old["net"]["blur_sigma"] = 4.0
+    old["net"]["global_taps"] = []
+    cfg, train_paths, val_paths = bundle_split(old)
+    assert cfg.map_stats_from == "held_out" and cfg.blur_sigma == 4.0 and cfg.global_taps == []
+    assert cfg.position_spread_images == 300  # its spread is per position
+    old["map_stats"]["pos_std"] = 1.5  # one spread for the whole map: trained before the per-position one
+    assert bundle_split(old)[0].position_spread_images == 0
+    assert (train_paths, val_paths) == bundle_split(meta)[1:]
+    cfg_now = bundle_split(meta)[0]
+    assert cfg_now.map_stats_from == meta["training"]["config"]["map_stats_from"]
+    assert cfg_now.blur_sigma == meta["net"]["blur_sigma"]
