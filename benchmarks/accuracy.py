@@ -368,20 +368,19 @@ def shipped_inputs(root: Path, dataset: str, shipped: TrainConfig) -> tuple[int,
 
 
 def _trained_with(bundle: Path) -> dict | None:
-    """The training record of a bundle trained to completion (None: not one), its config completed
-    with the values of settings added since (what the bundle was trained with)."""
+    """The training record of a bundle trained to completion (None: not one), its config as the
+    bundle was written (``engines.train.bundle_config``: settings added since take its values)."""
+    from engines.train import bundle_config
+
     try:
-        training = json.loads((bundle / "model.json").read_text())["training"]
-    except (OSError, ValueError, KeyError, TypeError):
+        meta = json.loads((bundle / "model.json").read_text())
+        training = meta["training"]
+        if training.get("interrupted") or not isinstance(training.get("config"), dict):
+            return None
+        config = bundle_config(meta).model_dump(mode="json")
+    except (OSError, ValueError, KeyError, TypeError):  # ValueError: not JSON, or a config this version rejects
         return None
-    if training.get("interrupted") or not isinstance(training.get("config"), dict):
-        return None
-    have = dict(training["config"])
-    have.setdefault("global_taps", [])
-    have.setdefault("global_grid", 0)  # trained before the term's grid existed
-    have.setdefault("image_width", None)  # ... and before non-square inputs
-    have.setdefault("map_stats_from", OLD_DEFAULTS["map_stats_from"])  # ... and before map_stats_from
-    return {**training, "config": have}
+    return {**training, "config": config}
 
 
 def _reused_seconds(bundle: Path, cfg: TrainConfig, work: Path | None = None, data: Path | None = None) -> float | None:

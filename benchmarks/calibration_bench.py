@@ -41,7 +41,7 @@ def main() -> int:
     from engines.data import eval_items, load_images
     from engines.evaluate import held_out_goods
     from engines.runtime import load_runtime
-    from engines.train import is_shipped, network_record
+    from engines.train import network_record
 
     meta = read_meta(args.bundle)
     network = network_record(meta)
@@ -83,9 +83,9 @@ def main() -> int:
         "machine": machine_name(),
         "model": model_label(args.bundle),
         "map_stats_from": network["map_stats_from"],
-        # the shipped network with the shipped map statistics (the threshold depends on both)
+        # the network and its map statistics (the threshold depends on both): "default" is decided
+        # from it when the file is written (mark_defaults)
         "network": network,
-        "default": is_shipped(network),
     }
     print(f"machine: {row['machine']}")
     print(f"{data.name}: {len(good_scores)} held-out good parts -> threshold {thr.threshold:.4f} ({thr.method})")

@@ -280,7 +280,7 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=HERE / "results" / "e2e.json")
     args = ap.parse_args()
 
-    from latency import ensure_bundle, is_default, model_label, network
+    from latency import ensure_bundle, model_label, network
 
     bundle = ensure_bundle(args.bundle, args.size)
     work = Path(tempfile.mkdtemp(prefix="lineinspect-e2e-"))
@@ -311,7 +311,7 @@ def main() -> int:
         }
         rows.append(run_case(bench, "pylon", pylon_cam, args.pylon_frames, 120))
         for r in rows:
-            r["model"], r["network"], r["default"] = model_label(bundle), network(bundle), is_default(bundle)
+            r["model"], r["network"] = model_label(bundle), network(bundle)  # "default": mark_defaults
     finally:
         broker.terminate()
         broker.wait(10)

@@ -169,13 +169,6 @@ def network(bundle: Path) -> dict:
     return network_record(json.loads((bundle / "model.json").read_text()))
 
 
-def is_default(bundle: Path) -> bool:
-    """True when the bundle is the network ``lineinspect train`` ships, at the bundle's own input."""
-    from engines.train import is_shipped
-
-    return is_shipped(network(bundle))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, nargs="+", help="one or more bundles (timed side by side)")
@@ -264,8 +257,7 @@ def main() -> int:
                     else None,
                     "machine": machine,
                     "model": model_label(bundle),
-                    "network": network(bundle),
-                    "default": is_default(bundle),
+                    "network": network(bundle),  # "default" is decided from it when the file is written
                 }
             )
             print(f"  {backend:<12} {rt.device:<40} b{b:<3} median {med:7.2f} ms  p99 {p99:7.2f} ms", flush=True)

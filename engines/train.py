@@ -423,12 +423,21 @@ def fit_score_stats(model: KDModel, held_out: np.ndarray, batch_size: int = 16) 
     return stats
 
 
-def bundle_split(meta: dict[str, Any]) -> tuple[TrainConfig, list[Path], list[Path]]:
-    """A bundle's training settings as it was written (a setting added since takes the value the
-    bundle was written with, from its network and statistics, not today's default) and the split
-    of its training folder into training and held-out good parts that ``train`` made."""
-    training = meta.get("training") or {}
-    config = {"image_width": None, **(training.get("config") or {})}  # before image_width: square
+def after_training(model: KDModel, cfg: TrainConfig, train_imgs: np.ndarray, val_imgs: np.ndarray) -> dict[str, Any]:
+    """What ``train`` computes once the student is trained, set on ``model`` and returned for
+    ``model.json``: the map's statistics, the global term and the score statistics (with a term),
+    the held-out parts' good-score summary (``refit_after_training`` computes the same)."""
+    stats = map_statistics(model, cfg, train_imgs, val_imgs)
+    if model.cfg.global_taps:
+        stats |= fit_global_term(model, train_imgs, val_imgs)
+    stats["good_score"] = good_score_summary(model, val_imgs)
+    return stats
+
+
+def bundle_config(meta: dict[str, Any]) -> TrainConfig:
+    """A bundle's training settings as it was written: a setting added since takes the value the
+    bundle was written with (from its network and statistics), not today's default."""
+    config = {"image_width": None, **((meta.get("training") or {}).get("config") or {})}  # before: square
     if "net" in meta:
         net = NetConfig.from_json(meta["net"])  # its own older keys filled in
         for key in ("student", "student_expand", "reverse_width", "distance", "blur_sigma", "score", "topk_fraction"):
@@ -439,8 +448,14 @@ def bundle_split(meta: dict[str, Any]) -> tuple[TrainConfig, list[Path], list[Pa
     stats = meta.get("map_stats") or {}
     config.setdefault("map_stats_from", stats.get("map_stats_from", "held_out"))  # before stop 32: held out
     config.setdefault("position_spread_images", 300 if isinstance(stats.get("pos_std"), list) else 0)
-    cfg = TrainConfig(**config)
-    paths = good_training_images(Path(training["data"]))
+    return TrainConfig(**config)
+
+
+def bundle_split(meta: dict[str, Any]) -> tuple[TrainConfig, list[Path], list[Path]]:
+    """A bundle's training settings (``bundle_config``) and the split of its training folder into
+    training and held-out good parts that ``train`` made."""
+    cfg = bundle_config(meta)
+    paths = good_training_images(Path(meta["training"]["data"]))
     if cfg.max_train_images:
         paths = paths[: cfg.max_train_images]
     train_paths, val_paths = split_holdout(paths, cfg.val_fraction, cfg.seed)
@@ -768,10 +783,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
         progress.close()
 
     model.student.load_state_dict(best_state)
-    stats = feature_stats | map_statistics(model, cfg, train_imgs, val_imgs)
-    if net_cfg.global_taps:
-        stats |= fit_global_term(model, train_imgs, val_imgs)
-    stats["good_score"] = good_score_summary(model, val_imgs)
+    stats = feature_stats | after_training(model, cfg, train_imgs, val_imgs)
     train_seconds = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
     buf = _state_bytes(model.fitted_state())
@@ -872,10 +884,7 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
     size = net_cfg.input_hw()
     train_imgs = load_images(train_paths, size)
     val_imgs = load_images(val_paths, size) if val_paths else train_imgs
-    stats |= map_statistics(model, cfg, train_imgs, val_imgs)
-    if net_cfg.global_taps:
-        stats |= fit_global_term(model, train_imgs, val_imgs)
-    stats["good_score"] = good_score_summary(model, val_imgs)
+    stats |= after_training(model, cfg, train_imgs, val_imgs)
     meta["net"] = net_cfg.to_json()
     meta["map_stats"] = stats
     meta["training"]["config"] = cfg.model_dump(mode="json")
@@ -942,16 +951,7 @@ def main_train(args) -> int:
 def main_refit(args) -> int:
     """Entry point used by the CLI (``lineinspect refit``): the settings given on the command line,
     applied to a trained bundle by ``refit_after_training``."""
-    names = (
-        "blur_sigma",
-        "map_stats_from",
-        "position_spread_images",
-        "score",
-        "topk_fraction",
-        "global_taps",
-        "global_grid",
-    )
-    changes = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    changes = {k: getattr(args, k) for k in sorted(AFTER_TRAINING) if getattr(args, k, None) is not None}
     if not changes:
         print("error: nothing to change: give at least one setting (see lineinspect refit --help)", file=sys.stderr)
         return 2
