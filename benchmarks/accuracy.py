@@ -391,6 +391,7 @@ def _reused_seconds(bundle: Path, cfg: TrainConfig, work: Path | None = None, da
     written); its recorded time stands, since training is the same."""
     import shutil
 
+    from engines.bundle import read_meta, student_path
     from engines.train import AFTER_TRAINING, refit_after_training
 
     want = cfg.model_dump(mode="json")
@@ -419,8 +420,8 @@ def _reused_seconds(bundle: Path, cfg: TrainConfig, work: Path | None = None, da
         if bundle.exists():
             shutil.rmtree(bundle)
         bundle.mkdir(parents=True)
-        for name in ("model.json", "student.pt"):
-            shutil.copy2(source / name, bundle / name)
+        for path in (source / "model.json", student_path(source, read_meta(source))):
+            shutil.copy2(path, bundle / path.name)
     if changes:
         print(f"refitting {', '.join(sorted(changes))} of {source} after training, into {bundle}")
         refit_after_training(bundle, **changes)

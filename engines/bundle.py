@@ -3,7 +3,10 @@
 A bundle is a directory::
 
     model.json   metadata (this module)
-    student.pt   student state_dict + the global term's Gaussian (global_term.*; torch, weights_only)
+    student.pt   student state_dict + the global term's Gaussian (global_term.*; torch, weights_only);
+                 model.json's ``student`` section names the file and its sha256 (a bundle rewritten
+                 in place, e.g. by ``lineinspect refit``, gets a new file ``student-<sha>.pt``, see
+                 ``write_student_and_meta``; bundles from before the section: ``student.pt``, unchecked)
     model.onnx   the whole inference graph (written by ``lineinspect export``)
 """
 
@@ -64,6 +67,50 @@ def write_meta(bundle: Path, meta: dict[str, Any]) -> Path:
     path = bundle / MODEL_JSON
     atomic_write_bytes(path, (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode())
     return path
+
+
+def student_path(bundle: Path, meta: dict[str, Any]) -> Path:
+    """The student weights file model.json names, checked against its recorded sha256 (a bundle from
+    before the record: ``student.pt``, unchecked). A missing or mismatching file is a BundleError."""
+    info = meta.get("student") or {}
+    path = Path(bundle) / str(info.get("file", STUDENT_PT))
+    if not path.is_file():
+        msg = f"{path} is missing from the bundle"
+        raise BundleError(msg)
+    if info.get("sha256"):
+        sha = sha256_file(path)
+        if sha != info["sha256"]:
+            msg = (
+                f"{path} is not the student weights model.json records (sha256 {sha[:12]}... != "
+                f"{str(info['sha256'])[:12]}...): the file is corrupt, truncated or from another training; "
+                "restore the bundle or train it again"
+            )
+            raise BundleError(msg)
+    return path
+
+
+def write_student_and_meta(bundle: Path, student: bytes, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write a bundle's student weights and model.json so that a crash at any point leaves either the
+    bundle as it was or the new one, never a mix: the weights go to a file the current model.json
+    does not name (``student.pt``, or ``student-<sha>.pt`` when that is the current one), then
+    model.json, naming it with its sha256, replaces the old one atomically (the commit), then the
+    old weights and any left by an earlier interrupted write are removed. Returns ``meta`` with its
+    ``student`` section set."""
+    bundle = Path(bundle)
+    bundle.mkdir(parents=True, exist_ok=True)
+    try:
+        current = (json.loads((bundle / MODEL_JSON).read_text()).get("student") or {}).get("file", STUDENT_PT)
+    except (OSError, ValueError, AttributeError):
+        current = None  # no bundle here yet (or one that cannot be read: nothing to keep)
+    sha = hashlib.sha256(student).hexdigest()
+    name = STUDENT_PT if current != STUDENT_PT else f"student-{sha[:12]}.pt"
+    atomic_write_bytes(bundle / name, student)
+    meta["student"] = {"file": name, "sha256": sha}
+    write_meta(bundle, meta)
+    for old in bundle.glob("student*.pt"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return meta
 
 
 _REQUIRED = ("format_version", "input", "normalization", "teacher", "net", "map_stats")

@@ -520,13 +520,11 @@ def bundle_teacher(meta: dict, taps: tuple[int, ...], teacher_weights: Path | No
     return teacher
 
 
-def load_student_pt(bundle: Path, into) -> None:
-    """Read the bundle's student.pt and hand its state dict to ``into`` (a loader that raises on a
-    mismatch); a missing or unloadable file is a BundleError naming it."""
-    pt = Path(bundle) / bundle_mod.STUDENT_PT
-    if not pt.is_file():
-        msg = f"{pt} is missing from the bundle"
-        raise bundle_mod.BundleError(msg)
+def load_student_pt(bundle: Path, into, meta: dict | None = None) -> None:
+    """Read the bundle's student weights (the file model.json names, ``bundle.student_path``'s
+    checks) and hand its state dict to ``into`` (a loader that raises on a mismatch); a missing,
+    mismatching or unloadable file is a BundleError naming it."""
+    pt = bundle_mod.student_path(bundle, bundle_mod.read_meta(Path(bundle)) if meta is None else meta)
     try:
         into(torch.load(pt, map_location="cpu", weights_only=True))
     except Exception as exc:
@@ -540,7 +538,7 @@ def load_bundle_model(bundle: Path, device: str = "cpu", teacher_weights: Path |
     meta = bundle_mod.read_meta(bundle)
     cfg = NetConfig.from_json(meta["net"])
     model = KDModel(bundle_teacher(meta, cfg.teacher_taps(), teacher_weights), cfg)
-    load_student_pt(bundle, model.load_fitted_state)
+    load_student_pt(bundle, model.load_fitted_state, meta)
     stats = meta["map_stats"]
     if cfg.distance == "l2":
         if "feature_mean" not in stats or "feature_std" not in stats:
@@ -785,9 +783,6 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
     model.student.load_state_dict(best_state)
     stats = feature_stats | after_training(model, cfg, train_imgs, val_imgs)
     train_seconds = time.perf_counter() - t_start
-    out.mkdir(parents=True, exist_ok=True)
-    buf = _state_bytes(model.fitted_state())
-    bundle_mod.atomic_write_bytes(out / bundle_mod.STUDENT_PT, buf)
     meta = {
         "format_version": bundle_mod.FORMAT_VERSION,
         "created_at": bundle_mod.utc_now(),
@@ -824,7 +819,8 @@ def train(data: Path, out: Path, cfg: TrainConfig, quiet: bool = False) -> dict[
         },
         "onnx": None,
     }
-    bundle_mod.write_meta(out, meta)
+    # a bundle already in ``out`` stays whole until the new one is
+    bundle_mod.write_student_and_meta(out, _state_bytes(model.fitted_state()), meta)
     if interrupted:
         raise KeyboardInterrupt
     return meta
@@ -851,7 +847,8 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
     """Give a trained bundle other values of the ``AFTER_TRAINING`` settings, exactly as ``train``
     would have written it with them: the student is kept bit for bit; the map's statistics, the
     global term (none for ``global_taps=[]``) and the score statistics are computed again on the
-    bundle's own split. Rewrites student.pt and model.json (an exported graph no longer matches and
+    bundle's own split. Rewrites the student weights and model.json, crash-safe
+    (``bundle.write_student_and_meta``; an exported graph no longer matches and
     is removed). A bundle that does not load (``load_bundle_model``'s checks) is refused unchanged."""
     other = sorted(set(changes) - AFTER_TRAINING)
     if other:
@@ -876,6 +873,7 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
         lambda sd: model.student.load_state_dict(
             {k: v for k, v in sd.items() if not k.startswith(GLOBAL_PREFIX)}, strict=True
         ),
+        meta,
     )
     old = meta["map_stats"]
     stats = {k: old[k] for k in ("feature_mean", "feature_std") if k in old}  # of the training parts: kept
@@ -889,11 +887,10 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
     meta["map_stats"] = stats
     meta["training"]["config"] = cfg.model_dump(mode="json")
     meta["training"]["refitted"] = {"at": bundle_mod.utc_now(), "settings": sorted(changes)}
-    onnx_path = bundle / bundle_mod.MODEL_ONNX
-    onnx_path.unlink(missing_ok=True)
     meta["onnx"] = None
-    bundle_mod.atomic_write_bytes(bundle / bundle_mod.STUDENT_PT, _state_bytes(model.fitted_state()))
-    bundle_mod.write_meta(bundle, meta)
+    # crash-safe: until the new model.json is in place the bundle is the old one, whole
+    bundle_mod.write_student_and_meta(bundle, _state_bytes(model.fitted_state()), meta)
+    (bundle / bundle_mod.MODEL_ONNX).unlink(missing_ok=True)  # no longer named: a stale graph
     return meta
 
 

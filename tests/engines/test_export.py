@@ -70,7 +70,10 @@ def test_export_of_a_bundle_without_weights(tmp_path: Path, trained_bundle: Path
     b = tmp_path / "b"
     shutil.copytree(trained_bundle, b)
     (b / "student.pt").write_bytes(b"garbage")
-    with pytest.raises(bundle_mod.BundleError, match=r"student\.pt could not be loaded"):
+    with pytest.raises(bundle_mod.BundleError, match=r"student\.pt is not the student weights model\.json records"):
+        export_bundle(b)
+    (b / "student.pt").unlink()
+    with pytest.raises(bundle_mod.BundleError, match=r"student\.pt is missing"):
         export_bundle(b)
 
 

@@ -166,11 +166,13 @@ def test_a_bundle_from_before_the_grid_reads_as_the_image_statistics_alone(train
 def test_weights_without_their_term_are_refused(tmp_path: Path, trained_bundle: Path):
     bad = tmp_path / "bad"
     shutil.copytree(trained_bundle, bad)
+    meta = json.loads((trained_bundle / "model.json").read_text())
+    del meta["student"]  # as a bundle from before the weights' sha256 was recorded: the load itself must refuse
+    (bad / "model.json").write_text(json.dumps(meta))
     sd = torch.load(bad / "student.pt", weights_only=True)
     torch.save({k: v for k, v in sd.items() if not k.startswith("global_term.")}, bad / "student.pt")
-    with pytest.raises(bundle_mod.BundleError, match="student weights"):
+    with pytest.raises(bundle_mod.BundleError, match="could not be loaded as this bundle's student weights"):
         load_bundle_model(bad)
-    meta = json.loads((trained_bundle / "model.json").read_text())
     del meta["map_stats"]["score_stats"]
     (bad / "model.json").write_text(json.dumps(meta))
     shutil.copy(trained_bundle / "student.pt", bad / "student.pt")
@@ -223,15 +225,22 @@ def test_refitting_the_map_settings_equals_training_with_them(tmp_path: Path, sy
     assert not np.allclose(m_refit, m_before, atol=1e-3)
 
 
-@pytest.mark.parametrize("fault", ["truncated", "missing", "other_teacher"])
+@pytest.mark.parametrize("fault", ["truncated", "truncated_unrecorded", "missing", "other_teacher"])
 def test_refitting_refuses_a_broken_bundle_and_leaves_it(tmp_path: Path, trained_bundle: Path, fault: str):
     """refit_after_training reads the bundle through the same checks as load_bundle_model: a
-    half-written or missing student.pt, or a bundle of another teacher, is a BundleError naming
-    it, and nothing in the bundle is rewritten."""
+    half-written or missing student.pt (caught by its sha256 in model.json, or by the load in a
+    bundle from before the record), or a bundle of another teacher, is a BundleError naming it,
+    and nothing in the bundle is rewritten."""
     bad = tmp_path / "bad"
     shutil.copytree(trained_bundle, bad)
     pt = bad / "student.pt"
     if fault == "truncated":
+        pt.write_bytes(pt.read_bytes()[:1000])
+        match = "student.pt is not the student weights model.json records"
+    elif fault == "truncated_unrecorded":
+        meta = json.loads((bad / "model.json").read_text())
+        del meta["student"]
+        (bad / "model.json").write_text(json.dumps(meta))
         pt.write_bytes(pt.read_bytes()[:1000])
         match = "student.pt could not be loaded"
     elif fault == "missing":
