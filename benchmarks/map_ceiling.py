@@ -1,7 +1,8 @@
 """What the pixel metrics can reach if one defect type were found perfectly (an analysis, not a detector).
 
-    python benchmarks/map_ceiling.py --bundle runs/accuracy/magnetic_tile-full-rd-l2-hq0.999-e20-statstraining-blur2-s0 \\
-                                     --data ../shared/data/magnetic_tile --defect uneven
+    python benchmarks/map_ceiling.py \\
+        --bundle runs/accuracy/magnetic_tile-full-rd-l2-hq0.999-e20-statstraining-blur2-s0 \\
+        --data ../shared/data/magnetic_tile --defect uneven
 
 The bundle's map on the test split, and the same map with the images of ``--defect`` changed by an
 oracle that reads their ground-truth masks: (a) every defective pixel of that type set above the
@@ -79,7 +80,8 @@ def main() -> int:
     for name, m in variants:
         rows = {r["defect"]: r for r in metric_rows(items, m, scores, masks)}
         a, t = rows["all"], rows[args.defect]
-        print(f"{name} | {a['pixel_auroc']:.3f} / {a['au_pro']:.3f} | {t['pixel_auroc']:.3f} / {t['au_pro']:.3f}", flush=True)
+        every = f"{a['pixel_auroc']:.3f} / {a['au_pro']:.3f}"
+        print(f"{name} | {every} | {t['pixel_auroc']:.3f} / {t['au_pro']:.3f}", flush=True)
         results.append(
             {
                 "variant": name,
