@@ -69,6 +69,12 @@ def write_meta(bundle: Path, meta: dict[str, Any]) -> Path:
     return path
 
 
+def sha_mismatch(path: Path, recorded: Any) -> str | None:
+    """None when ``path``'s sha256 is ``recorded``; else the two, shortened, for a message."""
+    sha = sha256_file(path)
+    return None if sha == recorded else f"sha256 {sha[:12]}... != {str(recorded)[:12]}..."
+
+
 def student_path(bundle: Path, meta: dict[str, Any]) -> Path:
     """The student weights file model.json names, checked against its recorded sha256 (a bundle from
     before the record: ``student.pt``, unchecked). A missing or mismatching file is a BundleError."""
@@ -77,15 +83,13 @@ def student_path(bundle: Path, meta: dict[str, Any]) -> Path:
     if not path.is_file():
         msg = f"{path} is missing from the bundle"
         raise BundleError(msg)
-    if info.get("sha256"):
-        sha = sha256_file(path)
-        if sha != info["sha256"]:
-            msg = (
-                f"{path} is not the student weights model.json records (sha256 {sha[:12]}... != "
-                f"{str(info['sha256'])[:12]}...): the file is corrupt, truncated or from another training; "
-                "restore the bundle or train it again"
-            )
-            raise BundleError(msg)
+    differs = sha_mismatch(path, info["sha256"]) if info.get("sha256") else None
+    if differs:
+        msg = (
+            f"{path} is not the student weights model.json records ({differs}): the file is corrupt, "
+            "truncated or from another training; restore the bundle or train it again"
+        )
+        raise BundleError(msg)
     return path
 
 
@@ -107,7 +111,7 @@ def write_student_and_meta(bundle: Path, student: bytes, meta: dict[str, Any]) -
     atomic_write_bytes(bundle / name, student)
     meta["student"] = {"file": name, "sha256": sha}
     write_meta(bundle, meta)
-    for old in bundle.glob("student*.pt"):
+    for old in [bundle / STUDENT_PT, *bundle.glob("student-*.pt")]:  # the names this function writes
         if old.name != name:
             old.unlink(missing_ok=True)
     return meta
@@ -213,10 +217,10 @@ def artifact_files(bundle: Path, meta: dict[str, Any], key: str, verify_sha: boo
             msg = f"{path} is missing; re-run '{redo}'"
             raise ArtifactError(msg)
         if verify_sha:
-            sha = sha256_file(path)
-            if sha != info.get(sha_field):
+            differs = sha_mismatch(path, info.get(sha_field))
+            if differs:
                 msg = (
-                    f"{path} does not match model.json (sha256 {sha[:12]}... != {str(info.get(sha_field))[:12]}...): "
+                    f"{path} does not match model.json ({differs}): "
                     f"the file is corrupt, truncated or from another export; re-run '{redo}'"
                 )
                 raise ArtifactError(msg)
