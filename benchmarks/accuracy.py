@@ -78,6 +78,7 @@ NET_KEYS = (
     "val_fraction",
     "map_stats_from",
     "blur_sigma",
+    "seg_weight",
 )
 OLD_DEFAULTS = {
     "global_taps": [],  # rows from before the global term: the map's score alone
@@ -95,6 +96,7 @@ OLD_DEFAULTS = {
     "val_fraction": 0.1,  # rows from before it was a benchmark option
     "map_stats_from": "held_out",  # rows from before stop 32: the map's statistics from the held-out parts
     "blur_sigma": 4.0,  # rows from before stop 34: the map smoothed with sigma 4
+    "seg_weight": 0.0,  # rows from before the segmentation head: none
 }
 
 
@@ -117,6 +119,7 @@ OPTIONS = (
     "val_fraction",
     "map_stats_from",
     "blur_sigma",
+    "seg_weight",
 )
 
 
@@ -226,6 +229,11 @@ def main() -> int:
     ap.add_argument(
         "--blur-sigma", type=float, help="Gaussian smoothing of the map, input pixels (default: lineinspect train's)"
     )
+    ap.add_argument(
+        "--seg-weight",
+        type=float,
+        help="weight of the segmentation head's map (trained after the student; 0: none; default: lineinspect train's)",
+    )
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
     ap.add_argument("--peer-coreset", type=float, default=0.01, help="PatchCore coreset ratio")
@@ -275,6 +283,8 @@ def main() -> int:
                 more += f"-stats{cfg.map_stats_from.replace('_', '')}"
             if cfg.blur_sigma != OLD_DEFAULTS["blur_sigma"]:
                 more += f"-blur{cfg.blur_sigma:g}"
+            if cfg.seg_weight != OLD_DEFAULTS["seg_weight"]:
+                more += f"-seg{cfg.seg_weight:g}"
             tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}{more}-s{cfg.seed}"
             bundle = args.work / tag
             train_s = _reused_seconds(bundle, cfg, args.work, data) if args.reuse else None
@@ -325,6 +335,7 @@ def main() -> int:
                 "val_fraction": cfg.val_fraction,
                 "map_stats_from": cfg.map_stats_from,
                 "blur_sigma": cfg.blur_sigma,
+                "seg_weight": cfg.seg_weight,
                 "lr": cfg.lr,
                 "seed": cfg.seed,
                 "image_size": size[0],  # the input's height and width (image_width None: a square)

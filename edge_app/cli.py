@@ -41,6 +41,10 @@ def _add_refit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk-fraction", type=float, help="fraction of pixels averaged with --score topk")
     p.add_argument("--global-taps", type=int, nargs="*", help="teacher blocks of the global term (none given: no term)")
     p.add_argument("--global-grid", type=int, help="cells per side of the global term's grid")
+    p.add_argument(
+        "--seg-weight", type=float, help="weight of a segmentation head trained on synthetic defects (0: none)"
+    )
+    p.add_argument("--seg-steps", type=int, help="optimiser steps of the segmentation head's training")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:

@@ -78,6 +78,10 @@ class NetConfig:
     # the image (adaptive-pooling cells), so the term sees a region that is off, not only the whole
     # part; 0 for none, as in bundles from before it
     global_grid: int = 0
+    # Weight of the segmentation head's map in the fused map (SegHead: a small convolutional network
+    # on the teacher's taps and the teacher-student differences, trained after the student to
+    # segment synthetic defects, engines.seghead); 0 for none, as in bundles from before it
+    seg_weight: float = 0.0
 
     def input_hw(self) -> tuple[int, int]:
         """The input's (height, width) in pixels."""
@@ -133,6 +137,9 @@ class NetConfig:
             last = len(LITE0_BLOCKS) - 1
             msg = f"global_taps must be distinct teacher blocks in 0..{last}, got {list(self.global_taps)}"
             raise ValueError(msg)
+        if not 0 <= self.seg_weight <= 10 or not math.isfinite(self.seg_weight):
+            msg = f"seg_weight must be within 0..10, got {self.seg_weight}"
+            raise ValueError(msg)
         smallest = min(self.input_hw()) // max(tap_strides(self.global_taps), default=1)
         if not 0 <= self.global_grid <= smallest:
             msg = f"global_grid must be within 0..{smallest} (the global taps' feature size), got {self.global_grid}"
@@ -158,6 +165,7 @@ class NetConfig:
         d["global_taps"] = tuple(d.get("global_taps", ()))  # ... and before the global term, none
         d.setdefault("global_grid", 0)  # ... and before its grid, the whole image's statistics only
         d.setdefault("image_width", None)  # ... and before image_width, every input was square
+        d.setdefault("seg_weight", 0.0)  # ... and before the segmentation head, none
         return cls(**d)
 
 
@@ -352,7 +360,60 @@ def pooled_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m.flatten(1), ((d * d).mean(dim=(2, 3)) + 1e-12).sqrt()
 
 
+SEG_PREFIX = "seg_head."
+SEG_STRIDE = 8  # the segmentation head's grid: one cell per 8 x 8 input pixels
+SEG_BLUR_SIGMA = 4.0  # smoothing of its map, input pixels
+
+
+class SegHead(nn.Module):
+    """Segmentation head (DeSTSeg's idea): reads, per distillation tap, the standardised teacher
+    features and the per-channel squared teacher-student difference, all resized onto one grid of
+    stride ``SEG_STRIDE``, and returns a defect logit per cell (N, 1, h / 8, w / 8). A 1x1 squeeze,
+    3x3 convolutions dilated 1, 2, 4, 8, 16 (a receptive field that spans a region, not a spot),
+    a 1x1 logit; convolutions, batch norm and ReLU only. Trained on synthetic defects after the
+    student (``engines.seghead``)."""
+
+    def __init__(self, channels: list[int], strides: list[int], input_hw: tuple[int, int]):
+        super().__init__()
+        h, w = input_hw
+        self.grid = (h // SEG_STRIDE, w // SEG_STRIDE)
+        for i, stride in enumerate(strides):
+            if stride != SEG_STRIDE:  # bilinear: for a halving exactly the 2 x 2 mean
+                self.register_buffer(f"rows_{i}", bilinear_matrix(self.grid[0], h // stride), persistent=False)
+                self.register_buffer(f"cols_{i}", bilinear_matrix(self.grid[1], w // stride), persistent=False)
+        self.strides = list(strides)
+
+        def block(c_in: int, c_out: int, k: int = 3, d: int = 1) -> nn.Sequential:
+            conv = nn.Conv2d(c_in, c_out, k, padding=d * (k // 2), dilation=d, bias=False)
+            return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+        c = 2 * sum(channels)
+        self.net = nn.Sequential(
+            block(c, 96, k=1), block(96, 96), block(96, 64, d=2), block(64, 64, d=4), block(64, 64, d=8),
+            block(64, 64, d=16), nn.Conv2d(64, 1, 1),
+        )  # fmt: skip
+
+    def inputs(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor:
+        """(N, 2 * sum(channels), h / 8, w / 8): per tap the teacher's features and (t - s)^2."""
+        parts = []
+        for i, (t, s) in enumerate(zip(t_feats, s_feats, strict=True)):
+            z = torch.cat([t, (t - s) * (t - s)], dim=1)
+            if self.strides[i] != SEG_STRIDE:
+                z = resize_bilinear(z, getattr(self, f"rows_{i}"), getattr(self, f"cols_{i}"))
+            parts.append(z)
+        return torch.cat(parts, dim=1)
+
+    def forward(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor:
+        return self.net(self.inputs(t_feats, s_feats))
+
+
 GLOBAL_PREFIX = "global_term."
+
+
+def student_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The student's own entries of a ``KDModel.fitted_state`` (without the global term's and the
+    segmentation head's)."""
+    return {k: v for k, v in sd.items() if not k.startswith((GLOBAL_PREFIX, SEG_PREFIX))}
 
 
 def grid_matrix(h: int, w: int, g: int) -> torch.Tensor:
@@ -489,10 +550,25 @@ class KDModel(nn.Module):
         if cfg.fuse_stride != 1:
             self.register_buffer("upsample_rows", bilinear_matrix(height, fh), persistent=False)
             self.register_buffer("upsample_cols", bilinear_matrix(width, fw), persistent=False)
+        # the segmentation head (cfg.seg_weight > 0): its logits resized to the fusion size and
+        # smoothed, then (x - seg_stats[0]) * seg_stats[1] * seg_weight is added to the fused map;
+        # seg_stats[1] puts its spread on held-out good parts to the fused map's there
+        self.seg_head = None
+        if cfg.seg_weight:
+            self.seg_head = SegHead(tap_channels(cfg.taps), tap_strides(cfg.taps), (height, width))
+        self.register_buffer("seg_stats", torch.tensor([0.0, 1.0]))
+        if self.seg_head is not None:
+            gh, gw = self.seg_head.grid
+            self.register_buffer("seg_rows", bilinear_matrix(fh, gh), persistent=False)
+            self.register_buffer("seg_cols", bilinear_matrix(fw, gw), persistent=False)
+            self.register_buffer("seg_blur_k", gaussian_kernel1d(SEG_BLUR_SIGMA / cfg.fuse_stride), persistent=False)
+            self.register_buffer(
+                "seg_blur_norm", self._blur_raw(torch.ones(1, 1, fh, fw), self.seg_blur_k), persistent=False
+            )
 
     # --- map pieces -------------------------------------------------------------------------
-    def _blur_raw(self, m: torch.Tensor) -> torch.Tensor:
-        k = self.blur_k
+    def _blur_raw(self, m: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
+        k = self.blur_k if k is None else k
         r = (k.numel() - 1) // 2
         if r == 0:
             return m
@@ -526,7 +602,7 @@ class KDModel(nn.Module):
         self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor], global_raw: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """What the networks' features become: (map (N, H, W), image score (N,))."""
-        amap = self.fuse(self.scale_maps(t_feats, s_feats))
+        amap = self.fuse(self.scale_maps(t_feats, s_feats), self.seg_map(t_feats, s_feats))
         score = self.image_score(amap)
         if self.global_term is not None:
             score = self.fused_score(score, self.global_term(global_raw))
@@ -539,7 +615,8 @@ class KDModel(nn.Module):
             msg = "this network has no global term (global_taps is empty)"
             raise ValueError(msg)
         t_feats, s_feats, global_raw = self.run_networks(x)
-        return self.image_score(self.fuse(self.scale_maps(t_feats, s_feats))), self.global_term(global_raw)
+        amap = self.fuse(self.scale_maps(t_feats, s_feats), self.seg_map(t_feats, s_feats))
+        return self.image_score(amap), self.global_term(global_raw)
 
     def fused_score(self, map_score: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
         """max(map score, global distance), each standardised on the held-out good parts; written
@@ -579,9 +656,26 @@ class KDModel(nn.Module):
             total = total + self.scale_weights[i] * (m - self.scale_mean[i]) / self.scale_std[i]
         return self._blur_raw(total / self.scale_weights.sum()) / self.blur_norm
 
-    def fuse(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        """``fuse_raw``, minus the good images' per-position mean, scaled, upsampled to the input size."""
+    def seg_logits(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor:
+        """The segmentation head's logits resized to the fusion size and smoothed, (N, 1, h, w)."""
+        m = resize_bilinear(self.seg_head(t_feats, s_feats), self.seg_rows, self.seg_cols)
+        return self._blur_raw(m, self.seg_blur_k) / self.seg_blur_norm
+
+    def seg_map(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor | None:
+        """What the segmentation head adds to the fused map at the fusion size (None without one)."""
+        if self.seg_head is None:
+            return None
+        return (self.seg_logits(t_feats, s_feats) - self.seg_stats[0]) * (self.seg_stats[1] * self.cfg.seg_weight)
+
+    def set_seg_stats(self, mean: float, scale: float) -> None:
+        self.seg_stats.copy_(torch.tensor([mean, max(scale, 1e-8)], dtype=torch.float32))
+
+    def fuse(self, maps: list[torch.Tensor], seg: torch.Tensor | None = None) -> torch.Tensor:
+        """``fuse_raw``, minus the good images' per-position mean, scaled, plus the segmentation
+        head's ``seg_map`` (when given), upsampled to the input size."""
         fused = (self.fuse_raw(maps) - self.pos_mean) / self.pos_std
+        if seg is not None:
+            fused = fused + seg
         if self.cfg.fuse_stride == 1:
             return fused
         return resize_bilinear(fused, self.upsample_rows, self.upsample_cols)
@@ -641,6 +735,8 @@ class KDModel(nn.Module):
         sd = dict(self.student.state_dict())
         if self.global_term is not None:
             sd.update({f"{GLOBAL_PREFIX}{k}": v for k, v in self.global_term.state_dict().items()})
+        if self.seg_head is not None:
+            sd.update({f"{SEG_PREFIX}{k}": v for k, v in self.seg_head.state_dict().items()})
         return sd
 
     def load_fitted_state(self, sd: dict[str, torch.Tensor]) -> None:
@@ -649,9 +745,15 @@ class KDModel(nn.Module):
         if glob and self.global_term is None:
             msg = "the weights carry a global term but the network's config has no global_taps"
             raise ValueError(msg)
-        self.student.load_state_dict({k: v for k, v in sd.items() if not k.startswith(GLOBAL_PREFIX)}, strict=True)
+        seg = {k[len(SEG_PREFIX) :]: v for k, v in sd.items() if k.startswith(SEG_PREFIX)}
+        if seg and self.seg_head is None:
+            msg = "the weights carry a segmentation head but the network's config has seg_weight 0"
+            raise ValueError(msg)
+        self.student.load_state_dict(student_part(sd), strict=True)
         if self.global_term is not None:
             self.global_term.load_state_dict(glob, strict=True)
+        if self.seg_head is not None:
+            self.seg_head.load_state_dict(seg, strict=True)
 
     def set_scale_stats(
         self, mean: list[float], std: list[float], pos_mean: list | None = None, pos_std: float | list | None = None

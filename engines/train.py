@@ -27,7 +27,7 @@ from engines.data import (
     load_images,
     split_holdout,
 )
-from engines.model import GLOBAL_PREFIX, KDModel, NetConfig
+from engines.model import KDModel, NetConfig, student_part
 from engines.teacher import DEFAULT_TAPS, INPUT_MEAN, INPUT_STD, build_teacher, default_weights_path, normalize_input
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,15 @@ class TrainConfig(BaseModel):
         description="Gaussian smoothing of the fused map, input pixels (2 since stop 34; bundles keep their own, "
         "4 before)",
     )
+    seg_weight: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="weight of the segmentation head's map in the fused map (a small network trained after the "
+        "student to segment synthetic defects on the training parts, engines.seghead; its map marks regions the "
+        "distillation map marks at their edge at most); 0: no head",
+    )
+    seg_steps: int = Field(1500, ge=1, description="optimiser steps of the segmentation head's training")
     fuse_stride: Literal[1, 2, 4] = Field(4, description="fuse and smooth the maps at 1/N of the input size")
     score: Literal["max", "topk"] = Field("max", description="image score from the map")
     topk_fraction: float = Field(0.001, gt=0, le=1, description="fraction of pixels averaged with score=topk")
@@ -176,6 +185,7 @@ class TrainConfig(BaseModel):
             scale_weights=weights,
             global_taps=tuple(self.global_taps),
             global_grid=self.global_grid if self.global_taps else 0,
+            seg_weight=self.seg_weight,
         )
         cfg.validate()
         return cfg
@@ -428,6 +438,10 @@ def after_training(model: KDModel, cfg: TrainConfig, train_imgs: np.ndarray, val
     ``model.json``: the map's statistics, the global term and the score statistics (with a term),
     the held-out parts' good-score summary (``refit_after_training`` computes the same)."""
     stats = map_statistics(model, cfg, train_imgs, val_imgs)
+    if model.seg_head is not None:
+        from engines.seghead import train_seg_head
+
+        stats["seg_head"] = train_seg_head(model, train_imgs, val_imgs, cfg.seg_steps, cfg.seed)
     if model.cfg.global_taps:
         stats |= fit_global_term(model, train_imgs, val_imgs)
     stats["good_score"] = good_score_summary(model, val_imgs)
@@ -546,6 +560,12 @@ def load_bundle_model(bundle: Path, device: str = "cpu", teacher_weights: Path |
             raise bundle_mod.BundleError(msg)
         model.set_feature_stats(stats["feature_mean"], stats["feature_std"])
     model.set_scale_stats(stats["scale_mean"], stats["scale_std"], stats.get("pos_mean"), stats.get("pos_std"))
+    if cfg.seg_weight:
+        seg = stats.get("seg_head") or {}
+        if "seg_mean" not in seg or "seg_scale" not in seg:
+            msg = f"{bundle}/model.json has seg_weight {cfg.seg_weight} but no map_stats.seg_head.seg_mean/seg_scale"
+            raise bundle_mod.BundleError(msg)
+        model.set_seg_stats(seg["seg_mean"], seg["seg_scale"])
     if cfg.global_taps:
         if "score_stats" not in stats:
             msg = f"{bundle}/model.json has global_taps but no map_stats.score_stats"
@@ -839,6 +859,8 @@ AFTER_TRAINING = frozenset(
         "scale_weights",
         "position_spread_images",
         "map_stats_from",
+        "seg_weight",
+        "seg_steps",
     }
 )
 
@@ -870,9 +892,7 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
     # the student only: the old term's Gaussian (if any) is what this replaces
     load_student_pt(
         bundle,
-        lambda sd: model.student.load_state_dict(
-            {k: v for k, v in sd.items() if not k.startswith(GLOBAL_PREFIX)}, strict=True
-        ),
+        lambda sd: model.student.load_state_dict(student_part(sd), strict=True),
         meta,
     )
     old = meta["map_stats"]

@@ -1,0 +1,129 @@
+"""The segmentation head (engines.model.SegHead, trained by engines.seghead): trained after the
+student on synthetic defects, fused into the map, exported with the graph, refused when its
+statistics are missing."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from engines import bundle as bundle_mod
+from engines.data import eval_items, load_images, read_mask
+from engines.metrics import auroc
+from engines.model import SEG_PREFIX, KDModel, NetConfig, student_part
+from engines.seghead import CLEAN_SHARE, seg_loss, synthetic_set
+from engines.train import load_bundle_model, predict, to_tensor
+
+
+@pytest.fixture(scope="module")
+def seg_bundle(tmp_path_factory, trained_bundle: Path) -> Path:
+    """The session's tiny bundle given a segmentation head by ``lineinspect refit`` (the student is kept)."""
+    from edge_app.cli import main
+
+    out = tmp_path_factory.mktemp("seg") / "model"
+    shutil.copytree(trained_bundle, out)
+    assert main(["refit", "--bundle", str(out), "--seg-weight", "1", "--seg-steps", "80"]) == 0
+    return out
+
+
+def _test_set(root: Path):
+    items = eval_items(root, require_masks=True)
+    imgs = load_images([it.path for it in items], 128)
+    masks = np.stack([read_mask(it.mask, (128, 128), like=it.path) for it in items])
+    return items, imgs, masks
+
+
+def test_the_head_is_trained_after_the_student_and_marks_defects(seg_bundle, trained_bundle, synthetic_root):
+    meta = bundle_mod.read_meta(seg_bundle)
+    assert meta["net"]["seg_weight"] == 1.0
+    rec = meta["map_stats"]["seg_head"]
+    assert rec["steps"] == 80 and rec["samples"] == 2 * meta["training"]["n_train"]
+    assert rec["seg_scale"] > 0
+    old = torch.load(bundle_mod.student_path(trained_bundle, bundle_mod.read_meta(trained_bundle)), weights_only=True)
+    new = torch.load(bundle_mod.student_path(seg_bundle, meta), weights_only=True)
+    assert any(k.startswith(SEG_PREFIX) for k in new)
+    for k, v in student_part(old).items():  # the student is kept bit for bit
+        torch.testing.assert_close(new[k], v, rtol=0, atol=0)
+    model = load_bundle_model(seg_bundle)
+    assert model.seg_head is not None
+    _, imgs, masks = _test_set(synthetic_root)
+    with torch.no_grad():
+        t, s, _ = model.run_networks(to_tensor(imgs, torch.device("cpu")))
+        logits = torch.nn.functional.interpolate(model.seg_logits(t, s), size=(128, 128), mode="bilinear")
+    # trained on synthetic regions only, it marks the parts' scratches, spots and dents
+    assert auroc(masks.ravel(), logits[:, 0].numpy().ravel()) > 0.85
+    # and the fused map still separates them
+    maps, _ = predict(model, imgs)
+    assert auroc(masks.ravel(), maps.ravel()) > 0.95
+    # the head changes the map: the bundle without it gives another one
+    plain_maps, _ = predict(load_bundle_model(trained_bundle), imgs)
+    assert not np.allclose(maps, plain_maps, atol=1e-3)
+
+
+def test_the_head_exports_with_the_graph_and_passes_the_tensorrt_rule_check(seg_bundle, tmp_path):
+    from engines.export import export_bundle
+    from engines.trt_compat import tensorrt_problems
+
+    b = tmp_path / "model"
+    shutil.copytree(seg_bundle, b)
+    onnx_path = export_bundle(b)  # checks parity with torch itself, raises on a mismatch
+    graph = onnx.load(str(onnx_path))
+    assert tensorrt_problems(graph) == []
+    parity = bundle_mod.read_meta(b)["onnx"]["parity"]
+    assert parity["max_abs_map"] <= parity["atol"]
+
+
+def test_a_bundle_with_a_head_but_no_head_statistics_is_refused(seg_bundle, tmp_path):
+    b = tmp_path / "model"
+    shutil.copytree(seg_bundle, b)
+    meta = json.loads((b / "model.json").read_text())
+    del meta["map_stats"]["seg_head"]
+    bundle_mod.write_meta(b, meta)
+    with pytest.raises(bundle_mod.BundleError, match=r"seg_weight 1\.0 but no map_stats\.seg_head"):
+        load_bundle_model(b)
+
+
+def test_head_weights_are_refused_by_a_network_without_a_head(seg_bundle):
+    meta = bundle_mod.read_meta(seg_bundle)
+    sd = torch.load(bundle_mod.student_path(seg_bundle, meta), weights_only=True)
+    model = load_bundle_model(seg_bundle)
+    plain = KDModel(model.teacher, NetConfig.from_json(meta["net"] | {"seg_weight": 0.0}))
+    with pytest.raises(ValueError, match="segmentation head but the network's config has seg_weight 0"):
+        plain.load_fitted_state(sd)
+
+
+def test_networks_from_before_the_head_have_none():
+    net = NetConfig().to_json()
+    del net["seg_weight"]
+    assert NetConfig.from_json(net).seg_weight == 0.0
+    with pytest.raises(ValueError, match="seg_weight must be within"):
+        NetConfig(seg_weight=-1.0).validate()
+
+
+def test_synthetic_set_leaves_a_share_clean_and_marks_the_rest():
+    rng = np.random.default_rng(0)
+    goods = rng.integers(90, 160, (6, 64, 64, 3), dtype=np.uint8)
+    x, m = synthetic_set(goods, 200, np.random.default_rng(1))
+    assert x.shape == (200, 64, 64, 3) and m.shape == (200, 64, 64)
+    clean = ~(m > 0).any(axis=(1, 2))
+    assert abs(clean.mean() - CLEAN_SHARE) < 0.1
+    assert m.min() >= 0 and m.max() <= 1
+    # the most marked sample equals its (flipped) good image outside its mask and differs inside
+    i = int(np.argmax((m > 0.9).sum(axis=(1, 2))))
+    g = goods[i % 6]
+    diffs = [np.abs(x[i].astype(int) - f.astype(int)).sum(-1) for f in (g, g[:, ::-1], g[::-1], g[::-1, ::-1])]
+    diff = min(diffs, key=lambda d: d[m[i] < 0.01].sum())
+    assert diff[m[i] < 0.01].sum() == 0
+    assert diff[m[i] > 0.9].mean() > 1
+
+
+def test_seg_loss_prefers_the_right_region():
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 2:5, 2:5] = 1.0
+    right = torch.where(target > 0, 6.0, -6.0)
+    wrong = torch.where(target > 0, -6.0, 6.0)
+    assert float(seg_loss(right, target)) < 0.05 < 1.5 < float(seg_loss(wrong, target))
