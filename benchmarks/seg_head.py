@@ -81,44 +81,18 @@ def build_head(channels: int, context: bool):
 
 
 def synthetic_set(images: np.ndarray, copies: int, clean: float, rng: np.random.Generator):
-    """``copies`` flipped versions of each good image, each given one synthetic defect
-    (``engines.corrupt``) except a share ``clean`` left as is: (images, soft masks)."""
-    from engines.corrupt import corrupt
+    """``copies`` samples of each good image in turn (``engines.seghead.synthetic_sample``, a share
+    ``clean`` left without a defect): (images, soft masks)."""
+    from engines.seghead import synthetic_sample
 
-    xs, ms = [], []
-    for img in images:
-        for _ in range(copies):
-            im = img[:, ::-1] if rng.random() < 0.5 else img
-            im = np.ascontiguousarray(im[::-1] if rng.random() < 0.5 else im)
-            if rng.random() < clean:
-                xs.append(im)
-                ms.append(np.zeros(im.shape[:2], np.float32))
-            else:
-                bad, m = corrupt(im, rng, images)
-                xs.append(bad)
-                ms.append(m)
+    xs, ms = zip(*(synthetic_sample(img, rng, images, clean) for img in images for _ in range(copies)), strict=True)
     return np.stack(xs), np.stack(ms)
-
-
-def grid_masks(masks: np.ndarray, gh: int, gw: int):
-    import cv2
-    import torch
-
-    return torch.from_numpy(np.stack([cv2.resize(m, (gw, gh), interpolation=cv2.INTER_AREA) for m in masks]))[:, None]
-
-
-def seg_loss(logit, target):
-    """Binary cross-entropy plus soft Dice (the region as a whole, whatever its size)."""
-    import torch
-    import torch.nn.functional as F
-
-    p = torch.sigmoid(logit)
-    dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
-    return F.binary_cross_entropy_with_logits(logit, target) + dice
 
 
 def train_head(model, train_imgs, val_imgs, args) -> tuple[object, dict, tuple[np.ndarray, np.ndarray]]:
     import torch
+
+    from engines.seghead import grid_targets, seg_loss
 
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
@@ -126,9 +100,9 @@ def train_head(model, train_imgs, val_imgs, args) -> tuple[object, dict, tuple[n
     gh, gw = h // GRID_STRIDE, w // GRID_STRIDE
     t0 = time.perf_counter()
     x, m = synthetic_set(train_imgs, args.copies, args.clean, rng)
-    feats, targets = head_features(model, x), grid_masks(m, gh, gw)
+    feats, targets = head_features(model, x), grid_targets(m, (gh, gw))
     xv, mv = synthetic_set(val_imgs, 2, args.clean, np.random.default_rng(args.seed + 1000))
-    feats_v, targets_v = head_features(model, xv), grid_masks(mv, gh, gw)
+    feats_v, targets_v = head_features(model, xv), grid_targets(mv, (gh, gw))
     t_feats = time.perf_counter() - t0
     head = build_head(feats.shape[1], args.context)
     opt = torch.optim.Adam(head.parameters(), 1e-3)

@@ -670,10 +670,13 @@ class KDModel(nn.Module):
     def set_seg_stats(self, mean: float, scale: float) -> None:
         self.seg_stats.copy_(torch.tensor([mean, max(scale, 1e-8)], dtype=torch.float32))
 
+    def fused_grid(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """``fuse_raw`` minus the good images' per-position mean, scaled: the fused map at the fusion size."""
+        return (self.fuse_raw(maps) - self.pos_mean) / self.pos_std
+
     def fuse(self, maps: list[torch.Tensor], seg: torch.Tensor | None = None) -> torch.Tensor:
-        """``fuse_raw``, minus the good images' per-position mean, scaled, plus the segmentation
-        head's ``seg_map`` (when given), upsampled to the input size."""
-        fused = (self.fuse_raw(maps) - self.pos_mean) / self.pos_std
+        """``fused_grid`` plus the segmentation head's ``seg_map`` (when given), upsampled to the input size."""
+        fused = self.fused_grid(maps)
         if seg is not None:
             fused = fused + seg
         if self.cfg.fuse_stride == 1:

@@ -29,21 +29,23 @@ BATCH = 16
 LR = 2e-3  # one-cycle peak
 
 
+def synthetic_sample(
+    img: np.ndarray, rng: np.random.Generator, pool: np.ndarray, clean: float = CLEAN_SHARE
+) -> tuple[np.ndarray, np.ndarray]:
+    """One sample from a good uint8 image (H, W, 3): randomly flipped, then given one synthetic
+    defect (``engines.corrupt``, textures borrowed from ``pool``) or, with probability ``clean``,
+    left as is; (image, soft mask (H, W))."""
+    img = img[:, ::-1] if rng.random() < 0.5 else img
+    img = np.ascontiguousarray(img[::-1] if rng.random() < 0.5 else img)
+    if rng.random() < clean:
+        return img, np.zeros(img.shape[:2], np.float32)
+    return corrupt(img, rng, pool)
+
+
 def synthetic_set(images: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` samples from good uint8 images (N, H, W, 3): each a randomly flipped image with one
-    synthetic defect, or left clean with probability ``CLEAN_SHARE``; (images, soft masks (n, H, W))."""
-    xs, ms = [], []
-    for k in range(n):
-        img = images[k % len(images)]
-        img = img[:, ::-1] if rng.random() < 0.5 else img
-        img = np.ascontiguousarray(img[::-1] if rng.random() < 0.5 else img)
-        if rng.random() < CLEAN_SHARE:
-            xs.append(img)
-            ms.append(np.zeros(img.shape[:2], np.float32))
-        else:
-            bad, m = corrupt(img, rng, images)
-            xs.append(bad)
-            ms.append(m)
+    """``n`` samples (``synthetic_sample``) cycling through good uint8 images (N, H, W, 3):
+    (images, soft masks (n, H, W))."""
+    xs, ms = zip(*(synthetic_sample(images[k % len(images)], rng, images) for k in range(n)), strict=True)
     return np.stack(xs), np.stack(ms)
 
 
@@ -137,7 +139,7 @@ def fit_seg_stats(model: KDModel, held_out: np.ndarray, batch_size: int = 16) ->
     for i in range(0, len(held_out), batch_size):
         t_feats, s_feats, _ = model.run_networks(to_tensor(held_out[i : i + batch_size], device))
         seg = model.seg_logits(t_feats, s_feats).double()
-        ours = ((model.fuse_raw(model.scale_maps(t_feats, s_feats)) - model.pos_mean) / model.pos_std).double()
+        ours = model.fused_grid(model.scale_maps(t_feats, s_feats)).double()
         s1, s2 = s1 + seg.sum().item(), s2 + (seg * seg).sum().item()
         f1, f2 = f1 + ours.sum().item(), f2 + (ours * ours).sum().item()
         count += seg.numel()
