@@ -79,6 +79,7 @@ NET_KEYS = (
     "map_stats_from",
     "blur_sigma",
     "seg_weight",
+    "seg_stride",
 )
 OLD_DEFAULTS = {
     "global_taps": [],  # rows from before the global term: the map's score alone
@@ -97,6 +98,7 @@ OLD_DEFAULTS = {
     "map_stats_from": "held_out",  # rows from before stop 32: the map's statistics from the held-out parts
     "blur_sigma": 4.0,  # rows from before stop 34: the map smoothed with sigma 4
     "seg_weight": 0.0,  # rows from before the segmentation head: none
+    "seg_stride": 8,  # rows from before its stride could be chosen
 }
 
 
@@ -120,6 +122,7 @@ OPTIONS = (
     "map_stats_from",
     "blur_sigma",
     "seg_weight",
+    "seg_stride",
 )
 
 
@@ -234,6 +237,9 @@ def main() -> int:
         type=float,
         help="weight of the segmentation head's map (trained after the student; 0: none; default: lineinspect train's)",
     )
+    ap.add_argument(
+        "--seg-stride", type=int, choices=[8, 16], help="the segmentation head's grid (default: lineinspect train's)"
+    )
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
     ap.add_argument("--peer-coreset", type=float, default=0.01, help="PatchCore coreset ratio")
@@ -285,6 +291,8 @@ def main() -> int:
                 more += f"-blur{cfg.blur_sigma:g}"
             if cfg.seg_weight != OLD_DEFAULTS["seg_weight"]:
                 more += f"-seg{cfg.seg_weight:g}"
+                if cfg.seg_stride != OLD_DEFAULTS["seg_stride"]:
+                    more += f"s{cfg.seg_stride}"
             tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}{more}-s{cfg.seed}"
             bundle = args.work / tag
             train_s = _reused_seconds(bundle, cfg, args.work, data) if args.reuse else None
@@ -336,6 +344,7 @@ def main() -> int:
                 "map_stats_from": cfg.map_stats_from,
                 "blur_sigma": cfg.blur_sigma,
                 "seg_weight": cfg.seg_weight,
+                "seg_stride": cfg.seg_stride,
                 "lr": cfg.lr,
                 "seed": cfg.seed,
                 "image_size": size[0],  # the input's height and width (image_width None: a square)

@@ -82,6 +82,9 @@ class NetConfig:
     # on the teacher's taps and the teacher-student differences, trained after the student to
     # segment synthetic defects, engines.seghead); 0 for none, as in bundles from before it
     seg_weight: float = 0.0
+    # the head's grid, input pixels per cell: 8, or 16 (a quarter of the cells: a quarter of the
+    # head's multiply-adds, its dilations halved so that it sees as far in pixels)
+    seg_stride: int = 8
 
     def input_hw(self) -> tuple[int, int]:
         """The input's (height, width) in pixels."""
@@ -140,6 +143,9 @@ class NetConfig:
         if not 0 <= self.seg_weight <= 10 or not math.isfinite(self.seg_weight):
             msg = f"seg_weight must be within 0..10, got {self.seg_weight}"
             raise ValueError(msg)
+        if self.seg_stride not in SEG_STRIDES:
+            msg = f"seg_stride must be one of {', '.join(map(str, SEG_STRIDES))}, got {self.seg_stride}"
+            raise ValueError(msg)
         smallest = min(self.input_hw()) // max(tap_strides(self.global_taps), default=1)
         if not 0 <= self.global_grid <= smallest:
             msg = f"global_grid must be within 0..{smallest} (the global taps' feature size), got {self.global_grid}"
@@ -166,6 +172,7 @@ class NetConfig:
         d.setdefault("global_grid", 0)  # ... and before its grid, the whole image's statistics only
         d.setdefault("image_width", None)  # ... and before image_width, every input was square
         d.setdefault("seg_weight", 0.0)  # ... and before the segmentation head, none
+        d.setdefault("seg_stride", 8)  # ... and before its stride could be chosen, 8
         return cls(**d)
 
 
@@ -361,29 +368,43 @@ def pooled_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 SEG_PREFIX = "seg_head."
-SEG_STRIDE = 8  # the segmentation head's grid: one cell per 8 x 8 input pixels
+SEG_STRIDES = (8, 16)  # the segmentation head's grids: one cell per 8 x 8 or 16 x 16 input pixels
 SEG_BLUR_SIGMA = 4.0  # smoothing of its map, input pixels
+
+
+def box_matrix(n_out: int, n_in: int) -> torch.Tensor:
+    """(n_out, n_in) matrix whose row o averages inputs o f .. o f + f - 1 (f = n_in / n_out, a whole
+    number): an f-fold downsampling by the mean, without aliasing. For f = 2 it is ``bilinear_matrix``."""
+    f = n_in // n_out
+    if f * n_out != n_in:
+        msg = f"box_matrix needs n_in a multiple of n_out, got {n_in} and {n_out}"
+        raise ValueError(msg)
+    return torch.kron(torch.eye(n_out), torch.full((1, f), 1.0 / f))
 
 
 class SegHead(nn.Module):
     """Segmentation head (DeSTSeg's idea): reads, per distillation tap, the standardised teacher
     features and the per-channel squared teacher-student difference, all resized onto one grid of
-    stride ``SEG_STRIDE``, and returns a defect logit per cell (N, 1, h / 8, w / 8). A 1x1 squeeze,
-    3x3 convolutions dilated 1, 2, 4, 8, 16 (a receptive field that spans a region, not a spot),
-    a 1x1 logit; convolutions, batch norm and ReLU only. Trained on synthetic defects after the
-    student (``engines.seghead``)."""
+    ``stride`` input pixels per cell (``SEG_STRIDES``), and returns a defect logit per cell (N, 1,
+    h / stride, w / stride). A 1x1 squeeze, five 3x3 convolutions dilated 1, 2, 4, 8, 16 cells at
+    stride 8 (1, 1, 2, 4, 8 at 16: the same reach in pixels; a receptive field that spans a region,
+    not a spot), a 1x1 logit; convolutions, batch norm and ReLU only. Trained on synthetic defects
+    after the student (``engines.seghead``)."""
 
-    def __init__(self, channels: list[int], strides: list[int], input_hw: tuple[int, int]):
+    def __init__(self, channels: list[int], strides: list[int], input_hw: tuple[int, int], stride: int = 8):
         super().__init__()
         h, w = input_hw
-        self.grid = (h // SEG_STRIDE, w // SEG_STRIDE)
-        for i, stride in enumerate(strides):
-            if stride != SEG_STRIDE:  # bilinear: for a halving exactly the 2 x 2 mean
-                self.register_buffer(f"rows_{i}", bilinear_matrix(self.grid[0], h // stride), persistent=False)
-                self.register_buffer(f"cols_{i}", bilinear_matrix(self.grid[1], w // stride), persistent=False)
+        self.stride = stride
+        self.grid = (h // stride, w // stride)
+        for i, tap_stride in enumerate(strides):
+            if tap_stride != stride:  # finer taps: the mean over each cell; coarser: bilinear
+                resize = box_matrix if tap_stride < stride else bilinear_matrix
+                self.register_buffer(f"rows_{i}", resize(self.grid[0], h // tap_stride), persistent=False)
+                self.register_buffer(f"cols_{i}", resize(self.grid[1], w // tap_stride), persistent=False)
         self.strides = list(strides)
 
         def block(c_in: int, c_out: int, k: int = 3, d: int = 1) -> nn.Sequential:
+            d = max(1, d * 8 // stride)
             conv = nn.Conv2d(c_in, c_out, k, padding=d * (k // 2), dilation=d, bias=False)
             return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
@@ -394,11 +415,11 @@ class SegHead(nn.Module):
         )  # fmt: skip
 
     def inputs(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor:
-        """(N, 2 * sum(channels), h / 8, w / 8): per tap the teacher's features and (t - s)^2."""
+        """(N, 2 * sum(channels), h / stride, w / stride): per tap the teacher's features and (t - s)^2."""
         parts = []
         for i, (t, s) in enumerate(zip(t_feats, s_feats, strict=True)):
             z = torch.cat([t, (t - s) * (t - s)], dim=1)
-            if self.strides[i] != SEG_STRIDE:
+            if self.strides[i] != self.stride:
                 z = resize_bilinear(z, getattr(self, f"rows_{i}"), getattr(self, f"cols_{i}"))
             parts.append(z)
         return torch.cat(parts, dim=1)
@@ -555,7 +576,7 @@ class KDModel(nn.Module):
         # seg_stats[1] puts its spread on held-out good parts to the fused map's there
         self.seg_head = None
         if cfg.seg_weight:
-            self.seg_head = SegHead(tap_channels(cfg.taps), tap_strides(cfg.taps), (height, width))
+            self.seg_head = SegHead(tap_channels(cfg.taps), tap_strides(cfg.taps), (height, width), cfg.seg_stride)
         self.register_buffer("seg_stats", torch.tensor([0.0, 1.0]))
         if self.seg_head is not None:
             gh, gw = self.seg_head.grid

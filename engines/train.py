@@ -154,6 +154,9 @@ class TrainConfig(BaseModel):
         "distillation map marks at their edge at most); 0: no head",
     )
     seg_steps: int = Field(1500, ge=1, description="optimiser steps of the segmentation head's training")
+    seg_stride: Literal[8, 16] = Field(
+        8, description="the segmentation head's grid, input pixels per cell (16: a quarter of its cost)"
+    )
     fuse_stride: Literal[1, 2, 4] = Field(4, description="fuse and smooth the maps at 1/N of the input size")
     score: Literal["max", "topk"] = Field("max", description="image score from the map")
     topk_fraction: float = Field(0.001, gt=0, le=1, description="fraction of pixels averaged with score=topk")
@@ -186,6 +189,7 @@ class TrainConfig(BaseModel):
             global_taps=tuple(self.global_taps),
             global_grid=self.global_grid if self.global_taps else 0,
             seg_weight=self.seg_weight,
+            seg_stride=self.seg_stride,
         )
         cfg.validate()
         return cfg
@@ -459,6 +463,8 @@ def bundle_config(meta: dict[str, Any]) -> TrainConfig:
         config.setdefault("fuse_stride", net.fuse_stride)
         config.setdefault("global_taps", list(net.global_taps))
         config.setdefault("global_grid", net.global_grid)
+        config.setdefault("seg_weight", net.seg_weight)
+        config.setdefault("seg_stride", net.seg_stride)
     stats = meta.get("map_stats") or {}
     config.setdefault("map_stats_from", stats.get("map_stats_from", "held_out"))  # before stop 32: held out
     config.setdefault("position_spread_images", 300 if isinstance(stats.get("pos_std"), list) else 0)
@@ -861,6 +867,7 @@ AFTER_TRAINING = frozenset(
         "map_stats_from",
         "seg_weight",
         "seg_steps",
+        "seg_stride",
     }
 )
 

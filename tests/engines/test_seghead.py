@@ -14,9 +14,9 @@ import torch
 from engines import bundle as bundle_mod
 from engines.data import eval_items, load_images, read_mask
 from engines.metrics import auroc
-from engines.model import SEG_PREFIX, KDModel, NetConfig, student_part
+from engines.model import SEG_PREFIX, KDModel, NetConfig, bilinear_matrix, box_matrix, student_part
 from engines.seghead import CLEAN_SHARE, seg_loss, synthetic_set
-from engines.train import load_bundle_model, predict, to_tensor
+from engines.train import bundle_config, load_bundle_model, predict, to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +98,50 @@ def test_head_weights_are_refused_by_a_network_without_a_head(seg_bundle):
 
 def test_networks_from_before_the_head_have_none():
     net = NetConfig().to_json()
-    del net["seg_weight"]
-    assert NetConfig.from_json(net).seg_weight == 0.0
+    del net["seg_weight"], net["seg_stride"]
+    old = NetConfig.from_json(net)
+    assert old.seg_weight == 0.0 and old.seg_stride == 8
     with pytest.raises(ValueError, match="seg_weight must be within"):
         NetConfig(seg_weight=-1.0).validate()
+    with pytest.raises(ValueError, match="seg_stride must be one of 8, 16, got 12"):
+        NetConfig(seg_weight=1.0, seg_stride=12).validate()
+
+
+def test_a_stride_16_head_has_a_quarter_of_the_cells_exports_and_keeps_its_stride(trained_bundle, tmp_path):
+    from edge_app.cli import main
+    from engines.export import export_bundle
+    from engines.trt_compat import tensorrt_problems
+
+    b = tmp_path / "model"
+    shutil.copytree(trained_bundle, b)
+    assert main(["refit", "--bundle", str(b), "--seg-weight", "1", "--seg-steps", "30", "--seg-stride", "16"]) == 0
+    meta = bundle_mod.read_meta(b)
+    assert meta["net"]["seg_stride"] == 16
+    model = load_bundle_model(b)
+    assert model.seg_head.grid == (8, 8)  # 128 x 128 input
+    dilations = [m.dilation[0] for m in model.seg_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert dilations == [1, 1, 1, 2, 4, 8, 1]  # the stride-8 head's 1, 2, 4, 8, 16 cells halved
+    with torch.no_grad():
+        t, s, _ = model.run_networks(to_tensor(np.zeros((2, 128, 128, 3), np.uint8), torch.device("cpu")))
+        assert model.seg_head(t, s).shape == (2, 1, 8, 8)
+    # a refit of something else keeps it; a bundle whose records predate the stride reads as 8
+    assert main(["refit", "--bundle", str(b), "--blur-sigma", "3"]) == 0
+    meta = bundle_mod.read_meta(b)
+    assert meta["net"]["seg_stride"] == 16 and bundle_config(meta).seg_stride == 16
+    older = json.loads(json.dumps(meta))
+    del older["net"]["seg_stride"], older["training"]["config"]["seg_stride"]
+    assert bundle_config(older).seg_stride == 8
+    graph = onnx.load(str(export_bundle(b)))  # parity with torch checked by the export itself
+    assert tensorrt_problems(graph) == []
+
+
+def test_finer_taps_are_averaged_over_each_head_cell():
+    for n in (5, 13, 32):  # a halving: the same weights as the bilinear resize (older heads unchanged)
+        torch.testing.assert_close(box_matrix(n, 2 * n), bilinear_matrix(n, 2 * n), rtol=0, atol=0)
+    v = torch.arange(8.0)
+    torch.testing.assert_close(box_matrix(2, 8) @ v, torch.tensor([1.5, 5.5]))
+    with pytest.raises(ValueError, match="multiple"):
+        box_matrix(3, 8)
 
 
 def test_synthetic_set_leaves_a_share_clean_and_marks_the_rest():
