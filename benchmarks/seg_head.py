@@ -29,16 +29,16 @@ sys.path.insert(0, str(HERE))
 from _machine import machine_name, replace_result  # noqa: E402
 
 
-def score_split(model, items, size, good):
-    """The product's maps and image scores on the test items and its image scores on the held-out
-    good parts (after the score statistics are fitted on them)."""
-    from engines.evaluate import score_items
+def scored(model, data: Path, held_out: list[Path], good, alpha: float) -> dict:
+    """``engines.evaluate.evaluate`` of the product's map and image score on the test split, the
+    plant metric's threshold from the held-out good parts, after the score statistics are fitted
+    on them (as a refit does)."""
+    from engines.evaluate import evaluate
     from engines.train import fit_score_stats, predict
 
     if model.global_term is not None:
         fit_score_stats(model, good)
-    maps, scores, masks = score_items(items, size, lambda im: predict(model, im))
-    return maps, scores, masks, predict(model, good)[1]
+    return evaluate(data, model.cfg.input_hw(), lambda im: predict(model, im), calibration_images=held_out, alpha=alpha)
 
 
 def main() -> int:
@@ -61,8 +61,7 @@ def main() -> int:
     import torch
 
     from engines import bundle as bundle_mod
-    from engines.data import eval_items, load_images
-    from engines.evaluate import metric_rows, plant_metric
+    from engines.data import load_images
     from engines.model import KDModel
     from engines.seghead import train_seg_head
     from engines.train import TrainConfig, bundle_split, load_bundle_model
@@ -74,20 +73,18 @@ def main() -> int:
     cfg, train_paths, held_out = bundle_split(meta)
     size = base.cfg.input_hw()
     train_imgs, good = load_images(train_paths, size), load_images(held_out, size)
-    items = eval_items(args.data, require_masks=True)
-    defects = [it.defect for it in items]
     steps = args.steps or TrainConfig.model_fields["seg_steps"].default
     machine = machine_name()
     head_line = "map | image AUROC / pixel AUROC / AU-PRO | FRR / caught | per type pixel AUROC / AU-PRO"
 
-    def row(name, maps, scores, masks, score_good) -> dict:
-        rows = {r["defect"]: r for r in metric_rows(items, maps, scores, masks)}
-        plant = plant_metric(score_good, scores, defects, args.alpha)
+    def row(name: str, res: dict) -> dict:
+        rows = {r["defect"]: r for r in res["rows"]}
+        plant = res["plant"]
         a = rows["all"]
         per = ", ".join(f"{k} {r['pixel_auroc']:.3f} / {r['au_pro']:.3f}" for k, r in rows.items() if k != "all")
         print(
             f"{name} | {a['image_auroc']:.3f} / {a['pixel_auroc']:.3f} / {a['au_pro']:.3f} | "
-            f"{plant.frr:.1%} / {plant.caught:.1%} | {per}",
+            f"{plant['frr']:.1%} / {plant['caught']:.1%} | {per}",
             flush=True,
         )
         metrics = ("image_auroc", "pixel_auroc", "au_pro")
@@ -95,13 +92,13 @@ def main() -> int:
         return {
             "variant": name,
             **{m: round(a[m], 4) for m in metrics},
-            "frr_at_1pct": round(plant.frr, 4),
-            "caught_at_1pct": round(plant.caught, 4),
+            "frr_at_1pct": round(plant["frr"], 4),
+            "caught_at_1pct": round(plant["caught"], 4),
             "per_defect": per_defect,
         }
 
     print(f"{args.data.name}, {args.bundle.name} ({machine})\n{head_line} (at {args.alpha:.0%})", flush=True)
-    ours = row("ours (the bundle)", *score_split(base, items, size, good))
+    ours = row("ours (the bundle)", scored(base, args.data, held_out, good, args.alpha))
     for stride in args.strides:
         for seed in args.seeds if args.seeds is not None else [cfg.seed]:
             net = dataclasses.replace(base.cfg, seg_weight=1.0, seg_stride=stride)
@@ -124,7 +121,7 @@ def main() -> int:
             for w in args.weights:
                 model.cfg.seg_weight = w
                 name = f"ours + {w:g} x head (stride {stride}, seed {seed})"
-                rows_out.append(row(name, *score_split(model, items, size, good)))
+                rows_out.append(row(name, scored(model, args.data, held_out, good, args.alpha)))
             settings = {"head": "product", "stride": stride, "seed": seed, "steps": steps}
             out = {"machine": machine, "bundle": args.bundle.name, "data": args.data.name, "settings": settings,
                    "fit": fit, "variants": rows_out}  # fmt: skip

@@ -404,7 +404,7 @@ class SegHead(nn.Module):
         self.strides = list(strides)
 
         def block(c_in: int, c_out: int, k: int = 3, d: int = 1) -> nn.Sequential:
-            d = max(1, d * 8 // stride)
+            d = max(1, d * SEG_STRIDES[0] // stride)  # the dilations below are written for the finest grid
             conv = nn.Conv2d(c_in, c_out, k, padding=d * (k // 2), dilation=d, bias=False)
             return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
