@@ -128,8 +128,16 @@ OPTIONS = (
 
 def _key(row: dict) -> tuple:
     """Rows replace each other only when they measured the same setting."""
-    net = tuple(json.dumps(row.get(k, OLD_DEFAULTS.get(k))) for k in NET_KEYS)
+    net = tuple(json.dumps(row_setting(row, k)) for k in NET_KEYS)
     return (row["dataset"], row["variant"], row.get("seed", 0), row_input(row), *net)
+
+
+def row_setting(row: dict, key: str):
+    """A network setting of a row: rows from before a setting existed read its old default; the
+    head's stride of a network without a head is no setting (None), whatever the row recorded."""
+    if key == "seg_stride" and not row.get("seg_weight", OLD_DEFAULTS["seg_weight"]):
+        return None
+    return row.get(key, OLD_DEFAULTS.get(key))
 
 
 def row_input(row: dict) -> tuple[int, int]:
@@ -147,15 +155,17 @@ def is_default(row: dict, shipped: TrainConfig, shipped_input: tuple[int, int] |
     return (
         row["variant"] == "full"
         and row_input(row) == want
-        and all(json.dumps(row.get(k, OLD_DEFAULTS.get(k))) == json.dumps(setting(shipped, k)) for k in NET_KEYS)
+        and all(json.dumps(row_setting(row, k)) == json.dumps(setting(shipped, k)) for k in NET_KEYS)
     )
 
 
 def setting(cfg: TrainConfig, key: str):
     """A TrainConfig setting as a row records it: the grid the network gets (``net_config`` decides
-    that a network without a global term has none)."""
+    that a network without a global term has none; a network without a head has no head stride)."""
     if key == "global_grid":
         return cfg.net_config().global_grid
+    if key == "seg_stride" and not cfg.seg_weight:
+        return None
     return getattr(cfg, key)
 
 

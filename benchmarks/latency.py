@@ -12,9 +12,10 @@ separate process that loads the bundle and runs the ONNX Runtime backend (torch 
 Writes benchmarks/results/latency.json (rows: backend, device, batch, median_ms, p99_ms,
 images_per_s, peak_rss_mb, machine, model, default). Without --bundle, two 1-epoch models are trained
 on synthetic parts and exported (latency does not depend on the weights): the network `lineinspect
-train` ships now ("default": true) and the earlier defaults (``EARLIER_DEFAULTS``: the reverse student
-with the global term of stops 17-19, without its grid, and the forward student the accuracy issue
-was filed against), timed side by side.
+train` ships now ("default": true) and the earlier defaults (``EARLIER_DEFAULTS``: the same network
+without its segmentation head (stops 34-37), the reverse student with the global term of stops
+17-19, without its grid, and the forward student the accuracy issue was filed against), timed side
+by side.
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ print(int(hwm.split()[1]) / 1024.0)
 
 
 # the networks that were the default before, otherwise the same settings (standardised L2, hard
-# mining, per-position spread): the reverse student with the global term of blocks 9 + 10 without
-# its grid (stops 17-19), and the forward student (before stop 15; the accuracy issue's latency
-# budget is "no slower than it")
+# mining, per-position spread, blur 2): the default without its segmentation head (stops 34-37),
+# the reverse student with the global term of blocks 9 + 10 without its grid (stops 17-19), and
+# the forward student (before stop 15; the accuracy issue's latency budget is "no slower than it")
 EARLIER_DEFAULTS = {
-    "previous": {"global_taps": [9, 10], "global_grid": 0},
-    "forward": {"student": "forward", "global_taps": []},
+    "headless": {"seg_weight": 0.0},  # stops 34-37: the same network without the segmentation head
+    "previous": {"global_taps": [9, 10], "global_grid": 0, "seg_weight": 0.0},
+    "forward": {"student": "forward", "global_taps": [], "seg_weight": 0.0},
 }
 
 
@@ -159,7 +161,8 @@ def model_label(bundle: Path) -> str:
     grid = f" grid {net['global_grid']}" if net.get("global_grid") else ""
     term = f", global term {','.join(str(t) for t in net['global_taps'])}{grid}" if net.get("global_taps") else ""
     wide = f", input {net['image_size']} x {net['image_width']}" if net.get("image_width") else ""
-    return f"{bundle.name} (taps {taps}, {shape} student, {net.get('distance', 'cosine')}{term}{wide})"
+    head = f", head stride {net.get('seg_stride', 8)} x {net['seg_weight']:g}" if net.get("seg_weight") else ""
+    return f"{bundle.name} (taps {taps}, {shape} student, {net.get('distance', 'cosine')}{term}{head}{wide})"
 
 
 def network(bundle: Path) -> dict:

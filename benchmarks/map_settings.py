@@ -50,8 +50,9 @@ def bundle_parts(bundle: Path):
 
 def with_settings(bundle: Path, parts, **changes):
     """The bundle's network rebuilt with ``changes`` to its NetConfig (map settings only): its
-    student, global term and feature statistics loaded, the map's statistics and the two score
-    statistics computed again as ``lineinspect train`` does, on ``parts`` (``bundle_parts``)."""
+    student, global term, segmentation head and feature statistics loaded, the map's statistics,
+    the head's scale and the two score statistics computed again as ``lineinspect train`` does, on
+    ``parts`` (``bundle_parts``)."""
     from engines import bundle as bundle_mod
     from engines.model import KDModel, NetConfig
     from engines.train import bundle_teacher, fit_score_stats, load_student_pt, map_statistics
@@ -66,6 +67,10 @@ def with_settings(bundle: Path, parts, **changes):
     if net_cfg.distance == "l2":
         model.set_feature_stats(stats["feature_mean"], stats["feature_std"])
     map_statistics(model, cfg, train_imgs, val_imgs)
+    if model.seg_head is not None:  # its weights are the bundle's; its scale follows the fused map's spread
+        from engines.seghead import fit_seg_stats
+
+        fit_seg_stats(model, val_imgs)
     if net_cfg.global_taps:
         fit_score_stats(model, val_imgs)
     return model

@@ -68,7 +68,10 @@ def main() -> int:
 
     base = load_bundle_model(args.bundle, device="cpu")
     if base.seg_head is not None:
-        ap.error(f"{args.bundle} already has a segmentation head: give one trained without")
+        ap.error(
+            f"{args.bundle} already has a segmentation head (the default since stop 38): give one without "
+            "(lineinspect refit --bundle COPY --seg-weight 0 takes it off a copy)"
+        )
     meta = bundle_mod.read_meta(args.bundle)
     cfg, train_paths, held_out = bundle_split(meta)
     size = base.cfg.input_hw()

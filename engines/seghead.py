@@ -27,6 +27,7 @@ MAX_SAMPLES = 2000  # bounds the cached features (about 0.7 MB each at 256 x 256
 CLEAN_SHARE = 0.25  # samples left without a defect
 BATCH = 16
 LR = 2e-3  # one-cycle peak
+SEG_STATS = ("seg_mean", "seg_scale", "n_held_out")  # what fit_seg_stats records (a refit fits them again)
 
 
 def synthetic_sample(

@@ -27,7 +27,7 @@ from engines.data import (
     load_images,
     split_holdout,
 )
-from engines.model import KDModel, NetConfig, student_part
+from engines.model import SEG_PREFIX, KDModel, NetConfig, student_part
 from engines.teacher import DEFAULT_TAPS, INPUT_MEAN, INPUT_STD, build_teacher, default_weights_path, normalize_input
 
 log = logging.getLogger(__name__)
@@ -146,16 +146,19 @@ class TrainConfig(BaseModel):
         "4 before)",
     )
     seg_weight: float = Field(
-        0.0,
+        0.5,
         ge=0,
         le=10,
         description="weight of the segmentation head's map in the fused map (a small network trained after the "
         "student to segment synthetic defects on the training parts, engines.seghead; its map marks regions the "
-        "distillation map marks at their edge at most); 0: no head",
+        "distillation map marks at their edge at most); 0.5 since stop 38; 0: no head (bundles from before the "
+        "head have none)",
     )
     seg_steps: int = Field(1500, ge=1, description="optimiser steps of the segmentation head's training")
     seg_stride: Literal[8, 16] = Field(
-        8, description="the segmentation head's grid, input pixels per cell (16: a quarter of its cost)"
+        16,
+        description="the segmentation head's grid, input pixels per cell (16 since stop 38: a quarter of the cost "
+        "of 8; heads from before the setting are 8)",
     )
     fuse_stride: Literal[1, 2, 4] = Field(4, description="fuse and smooth the maps at 1/N of the input size")
     score: Literal["max", "topk"] = Field("max", description="image score from the map")
@@ -437,12 +440,24 @@ def fit_score_stats(model: KDModel, held_out: np.ndarray, batch_size: int = 16) 
     return stats
 
 
-def after_training(model: KDModel, cfg: TrainConfig, train_imgs: np.ndarray, val_imgs: np.ndarray) -> dict[str, Any]:
+def after_training(
+    model: KDModel,
+    cfg: TrainConfig,
+    train_imgs: np.ndarray,
+    val_imgs: np.ndarray,
+    kept_head: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """What ``train`` computes once the student is trained, set on ``model`` and returned for
-    ``model.json``: the map's statistics, the global term and the score statistics (with a term),
-    the held-out parts' good-score summary (``refit_after_training`` computes the same)."""
+    ``model.json``: the map's statistics, the segmentation head (trained, or with ``kept_head``, the
+    record of the head whose weights ``model`` already holds: only its statistics are fitted
+    again), the global term and the score statistics (with a term), the held-out parts' good-score
+    summary (``refit_after_training`` computes the same)."""
     stats = map_statistics(model, cfg, train_imgs, val_imgs)
-    if model.seg_head is not None:
+    if model.seg_head is not None and kept_head is not None:
+        from engines.seghead import fit_seg_stats
+
+        stats["seg_head"] = kept_head | fit_seg_stats(model, val_imgs)
+    elif model.seg_head is not None:
         from engines.seghead import train_seg_head
 
         stats["seg_head"] = train_seg_head(model, train_imgs, val_imgs, cfg.seg_steps, cfg.seed)
@@ -876,9 +891,11 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
     """Give a trained bundle other values of the ``AFTER_TRAINING`` settings, exactly as ``train``
     would have written it with them: the student is kept bit for bit; the map's statistics, the
     global term (none for ``global_taps=[]``) and the score statistics are computed again on the
-    bundle's own split. Rewrites the student weights and model.json, crash-safe
-    (``bundle.write_student_and_meta``; an exported graph no longer matches and
-    is removed). A bundle that does not load (``load_bundle_model``'s checks) is refused unchanged."""
+    bundle's own split. A segmentation head is kept too (its statistics fitted again) unless it is
+    added, or its grid or steps change: then it is trained (``seg_weight=0`` takes it off).
+    Rewrites the student weights and model.json, crash-safe (``bundle.write_student_and_meta``; an
+    exported graph no longer matches and is removed). A bundle that does not load
+    (``load_bundle_model``'s checks) is refused unchanged."""
     other = sorted(set(changes) - AFTER_TRAINING)
     if other:
         msg = f"{', '.join(other)} change(s) the training itself: train again instead"
@@ -892,24 +909,39 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
             "the map's statistics and the global term come from them (train again instead)"
         )
         raise DatasetError(msg)
-    cfg, train_paths, val_paths = bundle_split(meta)
-    cfg = TrainConfig(**(cfg.model_dump() | changes))
+    was, train_paths, val_paths = bundle_split(meta)
+    cfg = TrainConfig(**(was.model_dump() | changes))
     net_cfg = cfg.net_config()
     model = KDModel(bundle_teacher(meta, net_cfg.teacher_taps(), cfg.teacher_weights), net_cfg).eval()
-    # the student only: the old term's Gaussian (if any) is what this replaces
-    load_student_pt(
-        bundle,
-        lambda sd: model.student.load_state_dict(student_part(sd), strict=True),
-        meta,
-    )
     old = meta["map_stats"]
+    # a head trained on this student with the same grid and steps is what train would train again
+    # (it depends on neither the map's settings nor its weight): kept, only its statistics refitted
+    keep_head = bool(
+        was.seg_weight and cfg.seg_weight and (was.seg_stride, was.seg_steps) == (cfg.seg_stride, cfg.seg_steps)
+    )
+    if keep_head:
+        from engines.seghead import SEG_STATS
+
+        kept_head = {k: v for k, v in old["seg_head"].items() if k not in SEG_STATS}
+    else:
+        kept_head = None
+
+    def load(sd: dict[str, torch.Tensor]) -> None:
+        # the student (and a kept head): the old term's Gaussian (if any) is what this replaces
+        model.student.load_state_dict(student_part(sd), strict=True)
+        if keep_head:
+            model.seg_head.load_state_dict(
+                {k[len(SEG_PREFIX) :]: v for k, v in sd.items() if k.startswith(SEG_PREFIX)}, strict=True
+            )
+
+    load_student_pt(bundle, load, meta)
     stats = {k: old[k] for k in ("feature_mean", "feature_std") if k in old}  # of the training parts: kept
     if net_cfg.distance == "l2":
         model.set_feature_stats(stats["feature_mean"], stats["feature_std"])
     size = net_cfg.input_hw()
     train_imgs = load_images(train_paths, size)
     val_imgs = load_images(val_paths, size) if val_paths else train_imgs
-    stats |= after_training(model, cfg, train_imgs, val_imgs)
+    stats |= after_training(model, cfg, train_imgs, val_imgs, kept_head)
     meta["net"] = net_cfg.to_json()
     meta["map_stats"] = stats
     meta["training"]["config"] = cfg.model_dump(mode="json")

@@ -125,6 +125,8 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         "global_grid": shipped.global_grid,
         "map_stats_from": shipped.map_stats_from,
         "blur_sigma": shipped.blur_sigma,
+        "seg_weight": shipped.seg_weight,
+        "seg_stride": shipped.seg_stride,
     }
     assert accuracy.is_default(row, shipped)
     for key, other in [
@@ -137,6 +139,8 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         ("global_grid", 0),
         ("map_stats_from", "held_out"),
         ("blur_sigma", 4.0),
+        ("seg_weight", 0.0),
+        ("seg_stride", 8),
     ]:
         assert not accuracy.is_default({**row, key: other}, shipped), key
     # a row from before the global term is a network without it
@@ -158,6 +162,17 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
     unblurred = {k: v for k, v in row.items() if k != "blur_sigma"}
     assert not accuracy.is_default(unblurred, shipped)
     assert accuracy.is_default(unblurred, TrainConfig(blur_sigma=4.0))
+    # a row from before stop 36 has no seg_weight: no head; one from before stop 37 a stride-8 head
+    headless = {k: v for k, v in row.items() if k not in ("seg_weight", "seg_stride")}
+    assert not accuracy.is_default(headless, shipped)
+    assert accuracy.is_default(headless, TrainConfig(seg_weight=0.0))
+    # without a head its stride is no setting: a row of stop 36 (stride 8 recorded) is the same network
+    recorded8 = {**row, "seg_weight": 0.0, "seg_stride": 8}
+    assert accuracy.is_default(recorded8, TrainConfig(seg_weight=0.0))
+    assert accuracy._key(recorded8) == accuracy._key({**recorded8, "seg_stride": 16})
+    stride8 = {k: v for k, v in row.items() if k != "seg_stride"}
+    assert not accuracy.is_default(stride8, shipped)
+    assert accuracy.is_default(stride8, TrainConfig(seg_stride=8))
 
 
 def test_fused_map_standardises_each_map_on_its_own_good_statistics():

@@ -32,24 +32,28 @@ def test_export_writes_one_verified_file_and_records_its_sha(exported_bundle: Pa
     ops = [n.op_type for n in model.graph.node]
     assert "Resize" not in ops and "Slice" not in ops
     dilated = [
-        n
+        n.input[1]
         for n in model.graph.node
         if n.op_type == "Conv" and any(a.name == "dilations" and max(a.ints) > 1 for a in n.attribute)
     ]
-    assert len(dilated) == 1
+    # (the default's segmentation head, stride 16: its convolutions dilated 2, 4 and 8 cells)
+    assert [w for w in dilated if not w.startswith("model.seg_head.")] == ["model.student.sspcab.weight"]
+    assert len(dilated) == 4
     # what TensorRT 10's parser needs: uint8 only straight into a Cast, constant conv weights, ...
     from engines.trt_compat import tensorrt_problems
 
     assert tensorrt_problems(model) == []
     first = next(n for n in model.graph.node if "image" in n.input)
     assert first.op_type == "Cast"
-    # SSPCAB's fused kernel is stored, not concatenated at run time: the one Concat is the reverse
-    # student's merge of the three tapped maps, and it joins activations only
+    # SSPCAB's fused kernel is stored, not concatenated at run time: the Concats are the reverse
+    # student's merge of the three tapped maps and the segmentation head's inputs (per tap the
+    # teacher's features and the squared differences, then the taps), and join activations only
     constants = {i.name for i in model.graph.initializer} | {
         o for n in model.graph.node if n.op_type == "Constant" for o in n.output
     }
     concats = [n for n in model.graph.node if n.op_type == "Concat"]
-    assert len(concats) == (1 if meta["net"]["student"] == "reverse" else 0)
+    head = len(meta["net"]["taps"]) + 1 if meta["net"]["seg_weight"] else 0
+    assert len(concats) == (1 if meta["net"]["student"] == "reverse" else 0) + head == 5
     assert not any(i in constants for n in concats for i in n.input)
 
 

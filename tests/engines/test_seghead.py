@@ -37,7 +37,26 @@ def _test_set(root: Path):
     return items, imgs, masks
 
 
-def test_the_head_is_trained_after_the_student_and_marks_defects(seg_bundle, trained_bundle, synthetic_root):
+def test_train_ships_a_stride_16_head_at_weight_half_and_refit_takes_it_off(trained_bundle, tmp_path):
+    """The default since stop 38: ``lineinspect train`` trains the head; ``refit --seg-weight 0``
+    gives the same student without one (the network of stops 34-37)."""
+    from edge_app.cli import main
+
+    meta = bundle_mod.read_meta(trained_bundle)
+    assert (meta["net"]["seg_weight"], meta["net"]["seg_stride"]) == (0.5, 16)
+    assert meta["map_stats"]["seg_head"]["steps"] == 1500 and meta["map_stats"]["seg_head"]["seg_scale"] > 0
+    assert load_bundle_model(trained_bundle).seg_head.grid == (8, 8)  # 128 x 128 input
+    b = tmp_path / "model"
+    shutil.copytree(trained_bundle, b)
+    assert main(["refit", "--bundle", str(b), "--seg-weight", "0"]) == 0
+    headless = bundle_mod.read_meta(b)
+    assert headless["net"]["seg_weight"] == 0.0 and "seg_head" not in headless["map_stats"]
+    assert load_bundle_model(b).seg_head is None
+    sd = torch.load(bundle_mod.student_path(b, headless), weights_only=True)
+    assert not any(k.startswith(SEG_PREFIX) for k in sd)
+
+
+def test_the_head_is_trained_after_the_student_and_marks_defects(seg_bundle, trained_bundle, synthetic_root, tmp_path):
     meta = bundle_mod.read_meta(seg_bundle)
     assert meta["net"]["seg_weight"] == 1.0
     rec = meta["map_stats"]["seg_head"]
@@ -59,8 +78,13 @@ def test_the_head_is_trained_after_the_student_and_marks_defects(seg_bundle, tra
     # and the fused map still separates them
     maps, _ = predict(model, imgs)
     assert auroc(masks.ravel(), maps.ravel()) > 0.95
-    # the head changes the map: the bundle without it gives another one
-    plain_maps, _ = predict(load_bundle_model(trained_bundle), imgs)
+    # the head changes the map: the same student without a head gives another one
+    from edge_app.cli import main
+
+    headless = tmp_path / "headless"
+    shutil.copytree(trained_bundle, headless)
+    assert main(["refit", "--bundle", str(headless), "--seg-weight", "0"]) == 0
+    plain_maps, _ = predict(load_bundle_model(headless), imgs)
     assert not np.allclose(maps, plain_maps, atol=1e-3)
 
 
@@ -124,10 +148,27 @@ def test_a_stride_16_head_has_a_quarter_of_the_cells_exports_and_keeps_its_strid
     with torch.no_grad():
         t, s, _ = model.run_networks(to_tensor(np.zeros((2, 128, 128, 3), np.uint8), torch.device("cpu")))
         assert model.seg_head(t, s).shape == (2, 1, 8, 8)
-    # a refit of something else keeps it; a bundle whose records predate the stride reads as 8
-    assert main(["refit", "--bundle", str(b), "--blur-sigma", "3"]) == 0
+    # a refit of something else keeps it, weights bit for bit (train would train the same head: it
+    # depends on neither the map's settings nor its weight), its statistics fitted to the new map;
+    # a bundle whose records predate the stride reads as 8
+    def head_weights(bundle: Path) -> dict:
+        sd = torch.load(bundle_mod.student_path(bundle, bundle_mod.read_meta(bundle)), weights_only=True)
+        return {k: v for k, v in sd.items() if k.startswith(SEG_PREFIX)}
+
+    before, before_stats = head_weights(b), meta["map_stats"]["seg_head"]
+    assert main(["refit", "--bundle", str(b), "--blur-sigma", "3", "--seg-weight", "0.5"]) == 0
     meta = bundle_mod.read_meta(b)
     assert meta["net"]["seg_stride"] == 16 and bundle_config(meta).seg_stride == 16
+    after = head_weights(b)
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    stats = meta["map_stats"]["seg_head"]
+    assert stats["steps"] == 30 and stats["seg_scale"] != before_stats["seg_scale"]  # the blur changed the map
+    # other steps train it again
+    assert main(["refit", "--bundle", str(b), "--seg-steps", "20"]) == 0
+    assert bundle_mod.read_meta(b)["map_stats"]["seg_head"]["steps"] == 20
+    assert not torch.equal(head_weights(b)[f"{SEG_PREFIX}net.6.weight"], before[f"{SEG_PREFIX}net.6.weight"])
     older = json.loads(json.dumps(meta))
     del older["net"]["seg_stride"], older["training"]["config"]["seg_stride"]
     assert bundle_config(older).seg_stride == 8
