@@ -148,6 +148,7 @@ def test_a_stride_16_head_has_a_quarter_of_the_cells_exports_and_keeps_its_strid
     with torch.no_grad():
         t, s, _ = model.run_networks(to_tensor(np.zeros((2, 128, 128, 3), np.uint8), torch.device("cpu")))
         assert model.seg_head(t, s).shape == (2, 1, 8, 8)
+
     # a refit of something else keeps it, weights bit for bit (train would train the same head: it
     # depends on neither the map's settings nor its weight), its statistics fitted to the new map;
     # a bundle whose records predate the stride reads as 8
@@ -208,3 +209,23 @@ def test_seg_loss_prefers_the_right_region():
     right = torch.where(target > 0, 6.0, -6.0)
     wrong = torch.where(target > 0, -6.0, 6.0)
     assert float(seg_loss(right, target)) < 0.05 < 1.5 < float(seg_loss(wrong, target))
+
+
+def test_train_says_what_the_head_took_and_seg_weight_0_trains_none(tmp_path, capsys, synthetic_root):
+    from edge_app.cli import main
+
+    for weight in (0.5, 0.0):
+        cfg = tmp_path / f"train{weight}.yaml"
+        cfg.write_text(f"image_size: 64\nepochs: 1\nbatch_size: 4\nmax_train_images: 8\nnum_threads: 1\n"
+                       f"seg_steps: 40\nseg_weight: {weight}\n")  # fmt: skip
+        out_dir = tmp_path / f"b{weight}"
+        argv = ["train", "--data", str(synthetic_root), "--out", str(out_dir), "--config", str(cfg), "--quiet"]
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        meta = bundle_mod.read_meta(out_dir)
+        assert "bundle written to" in out
+        if weight:
+            assert meta["map_stats"]["seg_head"]["steps"] == 40 and "(the segmentation head " in out
+        else:
+            assert "seg_head" not in meta["map_stats"] and "segmentation head" not in out
+            assert load_bundle_model(out_dir).seg_head is None
