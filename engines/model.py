@@ -437,6 +437,11 @@ def student_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith((GLOBAL_PREFIX, SEG_PREFIX))}
 
 
+def seg_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The segmentation head's entries of a ``KDModel.fitted_state``, as its own state_dict."""
+    return {k[len(SEG_PREFIX) :]: v for k, v in sd.items() if k.startswith(SEG_PREFIX)}
+
+
 def grid_matrix(h: int, w: int, g: int) -> torch.Tensor:
     """(h * w, g * g) weights that average an (h, w) map over each cell of a g x g grid, cells in
     row-major order: the cells of ``F.adaptive_avg_pool2d`` (rows floor(i h / g) .. ceil((i + 1) h / g)),
@@ -769,7 +774,7 @@ class KDModel(nn.Module):
         if glob and self.global_term is None:
             msg = "the weights carry a global term but the network's config has no global_taps"
             raise ValueError(msg)
-        seg = {k[len(SEG_PREFIX) :]: v for k, v in sd.items() if k.startswith(SEG_PREFIX)}
+        seg = seg_part(sd)
         if seg and self.seg_head is None:
             msg = "the weights carry a segmentation head but the network's config has seg_weight 0"
             raise ValueError(msg)

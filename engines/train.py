@@ -27,7 +27,7 @@ from engines.data import (
     load_images,
     split_holdout,
 )
-from engines.model import SEG_PREFIX, KDModel, NetConfig, student_part
+from engines.model import KDModel, NetConfig, seg_part, student_part
 from engines.teacher import DEFAULT_TAPS, INPUT_MEAN, INPUT_STD, build_teacher, default_weights_path, normalize_input
 
 log = logging.getLogger(__name__)
@@ -931,9 +931,7 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
         # the student (and a kept head): the old term's Gaussian (if any) is what this replaces
         model.student.load_state_dict(student_part(sd), strict=True)
         if keep_head:
-            model.seg_head.load_state_dict(
-                {k[len(SEG_PREFIX) :]: v for k, v in sd.items() if k.startswith(SEG_PREFIX)}, strict=True
-            )
+            model.seg_head.load_state_dict(seg_part(sd), strict=True)
 
     load_student_pt(bundle, load, meta)
     stats = {k: old[k] for k in ("feature_mean", "feature_std") if k in old}  # of the training parts: kept
