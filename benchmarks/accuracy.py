@@ -80,6 +80,7 @@ NET_KEYS = (
     "blur_sigma",
     "seg_weight",
     "seg_stride",
+    "seg_fusion",
 )
 OLD_DEFAULTS = {
     "global_taps": [],  # rows from before the global term: the map's score alone
@@ -99,6 +100,7 @@ OLD_DEFAULTS = {
     "blur_sigma": 4.0,  # rows from before stop 34: the map smoothed with sigma 4
     "seg_weight": 0.0,  # rows from before the segmentation head: none
     "seg_stride": 8,  # rows from before its stride could be chosen
+    "seg_fusion": "add",  # rows from before its fusion could be chosen: added
 }
 
 
@@ -123,6 +125,7 @@ OPTIONS = (
     "blur_sigma",
     "seg_weight",
     "seg_stride",
+    "seg_fusion",
 )
 
 
@@ -134,8 +137,9 @@ def _key(row: dict) -> tuple:
 
 def row_setting(row: dict, key: str):
     """A network setting of a row: rows from before a setting existed read its old default; the
-    head's stride of a network without a head is no setting (None), whatever the row recorded."""
-    if key == "seg_stride" and not row.get("seg_weight", OLD_DEFAULTS["seg_weight"]):
+    head's stride and fusion of a network without a head are no settings (None), whatever the row
+    recorded."""
+    if key in ("seg_stride", "seg_fusion") and not row.get("seg_weight", OLD_DEFAULTS["seg_weight"]):
         return None
     return row.get(key, OLD_DEFAULTS.get(key))
 
@@ -161,12 +165,10 @@ def is_default(row: dict, shipped: TrainConfig, shipped_input: tuple[int, int] |
 
 def setting(cfg: TrainConfig, key: str):
     """A TrainConfig setting as a row records it: the grid the network gets (``net_config`` decides
-    that a network without a global term has none; a network without a head has no head stride)."""
+    that a network without a global term has none), and ``row_setting``'s rule for the rest."""
     if key == "global_grid":
         return cfg.net_config().global_grid
-    if key == "seg_stride" and not cfg.seg_weight:
-        return None
-    return getattr(cfg, key)
+    return row_setting(cfg.model_dump(), key)
 
 
 def _r(v: float | None) -> float | None:
@@ -250,6 +252,9 @@ def main() -> int:
     ap.add_argument(
         "--seg-stride", type=int, choices=[8, 16], help="the segmentation head's grid (default: lineinspect train's)"
     )
+    ap.add_argument(
+        "--seg-fusion", choices=["add", "max"], help="how the head's map joins ours (default: lineinspect train's)"
+    )
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
     ap.add_argument("--peer-coreset", type=float, default=0.01, help="PatchCore coreset ratio")
@@ -303,6 +308,8 @@ def main() -> int:
                 more += f"-seg{cfg.seg_weight:g}"
                 if cfg.seg_stride != OLD_DEFAULTS["seg_stride"]:
                     more += f"s{cfg.seg_stride}"
+                if cfg.seg_fusion != OLD_DEFAULTS["seg_fusion"]:
+                    more += cfg.seg_fusion
             tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}{more}-s{cfg.seed}"
             bundle = args.work / tag
             train_s = _reused_seconds(bundle, cfg, args.work, data) if args.reuse else None
@@ -355,6 +362,7 @@ def main() -> int:
                 "blur_sigma": cfg.blur_sigma,
                 "seg_weight": cfg.seg_weight,
                 "seg_stride": cfg.seg_stride,
+                "seg_fusion": cfg.seg_fusion,
                 "lr": cfg.lr,
                 "seed": cfg.seed,
                 "image_size": size[0],  # the input's height and width (image_width None: a square)

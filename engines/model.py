@@ -85,6 +85,10 @@ class NetConfig:
     # the head's grid, input pixels per cell: 8, or 16 (a quarter of the cells: a quarter of the
     # head's multiply-adds, its dilations halved so that it sees as far in pixels)
     seg_stride: int = 8
+    # how the head's map joins the fused map: "add" (every pixel moves with the head, good ones too;
+    # as in bundles from before the setting) or "max" (the larger of the two, pixel by pixel: where
+    # the head sees a good part the distillation map's small spots stay as they are)
+    seg_fusion: str = "add"
 
     def input_hw(self) -> tuple[int, int]:
         """The input's (height, width) in pixels."""
@@ -143,6 +147,9 @@ class NetConfig:
         if not 0 <= self.seg_weight <= 10 or not math.isfinite(self.seg_weight):
             msg = f"seg_weight must be within 0..10, got {self.seg_weight}"
             raise ValueError(msg)
+        if self.seg_fusion not in SEG_FUSIONS:
+            msg = f"seg_fusion must be one of {', '.join(SEG_FUSIONS)}, got {self.seg_fusion!r}"
+            raise ValueError(msg)
         if self.seg_stride not in SEG_STRIDES:
             msg = f"seg_stride must be one of {', '.join(map(str, SEG_STRIDES))}, got {self.seg_stride}"
             raise ValueError(msg)
@@ -173,6 +180,7 @@ class NetConfig:
         d.setdefault("image_width", None)  # ... and before image_width, every input was square
         d.setdefault("seg_weight", 0.0)  # ... and before the segmentation head, none
         d.setdefault("seg_stride", 8)  # ... and before its stride could be chosen, 8
+        d.setdefault("seg_fusion", "add")  # ... and before its fusion could be chosen, added
         return cls(**d)
 
 
@@ -369,6 +377,7 @@ def pooled_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 SEG_PREFIX = "seg_head."
 SEG_STRIDES = (8, 16)  # the segmentation head's grids: one cell per 8 x 8 or 16 x 16 input pixels
+SEG_FUSIONS = ("add", "max")  # how the head's map joins the fused map (NetConfig.seg_fusion)
 SEG_BLUR_SIGMA = 4.0  # smoothing of its map, input pixels
 
 
@@ -577,7 +586,8 @@ class KDModel(nn.Module):
             self.register_buffer("upsample_rows", bilinear_matrix(height, fh), persistent=False)
             self.register_buffer("upsample_cols", bilinear_matrix(width, fw), persistent=False)
         # the segmentation head (cfg.seg_weight > 0): its logits resized to the fusion size and
-        # smoothed, then (x - seg_stats[0]) * seg_stats[1] * seg_weight is added to the fused map;
+        # smoothed, then (x - seg_stats[0]) * seg_stats[1] * seg_weight is joined with the fused map
+        # (added, or the larger of the two: cfg.seg_fusion);
         # seg_stats[1] puts its spread on held-out good parts to the fused map's there
         self.seg_head = None
         if cfg.seg_weight:
@@ -701,9 +711,12 @@ class KDModel(nn.Module):
         return (self.fuse_raw(maps) - self.pos_mean) / self.pos_std
 
     def fuse(self, maps: list[torch.Tensor], seg: torch.Tensor | None = None) -> torch.Tensor:
-        """``fused_grid`` plus the segmentation head's ``seg_map`` (when given), upsampled to the input size."""
+        """``fused_grid`` joined with the segmentation head's ``seg_map`` (when given) by
+        ``cfg.seg_fusion``, upsampled to the input size."""
         fused = self.fused_grid(maps)
-        if seg is not None:
+        if seg is not None and self.cfg.seg_fusion == "max":
+            fused = fused + F.relu(seg - fused)  # max(fused, seg) in operators TensorRT's parser is checked for
+        elif seg is not None:
             fused = fused + seg
         if self.cfg.fuse_stride == 1:
             return fused

@@ -160,6 +160,12 @@ class TrainConfig(BaseModel):
         description="the segmentation head's grid, input pixels per cell (16 since stop 38: a quarter of the cost "
         "of 8; heads from before the setting are 8)",
     )
+    seg_fusion: Literal["add", "max"] = Field(
+        "add",
+        description="how the segmentation head's map joins the fused map: add (every pixel moves with the head) or "
+        "max (the larger of the two per pixel, so the distillation map's small spots stay where the head sees a "
+        "good part); bundles from before the setting add",
+    )
     fuse_stride: Literal[1, 2, 4] = Field(4, description="fuse and smooth the maps at 1/N of the input size")
     score: Literal["max", "topk"] = Field("max", description="image score from the map")
     topk_fraction: float = Field(0.001, gt=0, le=1, description="fraction of pixels averaged with score=topk")
@@ -193,6 +199,7 @@ class TrainConfig(BaseModel):
             global_grid=self.global_grid if self.global_taps else 0,
             seg_weight=self.seg_weight,
             seg_stride=self.seg_stride,
+            seg_fusion=self.seg_fusion,
         )
         cfg.validate()
         return cfg
@@ -481,6 +488,7 @@ def bundle_config(meta: dict[str, Any]) -> TrainConfig:
         config.setdefault("global_grid", net.global_grid)
         config.setdefault("seg_weight", net.seg_weight)
         config.setdefault("seg_stride", net.seg_stride)
+        config.setdefault("seg_fusion", net.seg_fusion)
     stats = meta.get("map_stats") or {}
     config.setdefault("map_stats_from", stats.get("map_stats_from", "held_out"))  # before stop 32: held out
     config.setdefault("position_spread_images", 300 if isinstance(stats.get("pos_std"), list) else 0)
@@ -884,6 +892,7 @@ AFTER_TRAINING = frozenset(
         "seg_weight",
         "seg_steps",
         "seg_stride",
+        "seg_fusion",
     }
 )
 

@@ -229,3 +229,49 @@ def test_train_says_what_the_head_took_and_seg_weight_0_trains_none(tmp_path, ca
         else:
             assert "seg_head" not in meta["map_stats"] and "segmentation head" not in out
             assert load_bundle_model(out_dir).seg_head is None
+
+
+def test_seg_fusion_max_keeps_the_head_takes_the_larger_map_and_exports(seg_bundle, tmp_path):
+    """``refit --seg-fusion max``: the head's weights are kept bit for bit; the map is the larger of
+    the fused map and the head's term, pixel by pixel (where the head's term is lower, the
+    distillation map alone); the graph exports with parity and passes the TensorRT rule check;
+    bundles from before the setting add."""
+    from edge_app.cli import main
+    from engines.export import export_bundle
+    from engines.trt_compat import tensorrt_problems
+
+    b = tmp_path / "model"
+    shutil.copytree(seg_bundle, b)
+    assert main(["refit", "--bundle", str(b), "--seg-fusion", "max"]) == 0
+    meta = bundle_mod.read_meta(b)
+    assert meta["net"]["seg_fusion"] == "max" and bundle_config(meta).seg_fusion == "max"
+    before = torch.load(bundle_mod.student_path(seg_bundle, bundle_mod.read_meta(seg_bundle)), weights_only=True)
+    after = torch.load(bundle_mod.student_path(b, meta), weights_only=True)
+    for k, v in before.items():
+        if k.startswith(SEG_PREFIX):
+            torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    model = load_bundle_model(b)
+    x = to_tensor(np.random.default_rng(0).integers(0, 255, (2, 128, 128, 3), dtype=np.uint8), torch.device("cpu"))
+    with torch.no_grad():
+        t, s, _ = model.run_networks(x)
+        fused, seg = model.fused_grid(model.scale_maps(t, s)), model.seg_map(t, s)
+        joined = model.fuse(model.scale_maps(t, s), seg)
+        alone = model.fuse(model.scale_maps(t, s), None)  # the fused map without the head
+        bigger = resize_bilinear_like(model, torch.maximum(fused, seg))
+    torch.testing.assert_close(joined, bigger, rtol=0, atol=1e-5)
+    assert (seg < fused).any() and (seg > fused).any()  # both halves decide somewhere
+    assert not torch.allclose(joined, alone)
+    graph = onnx.load(str(export_bundle(b)))  # parity with torch checked by the export itself
+    assert tensorrt_problems(graph) == []
+    older = json.loads(json.dumps(meta))
+    del older["net"]["seg_fusion"], older["training"]["config"]["seg_fusion"]
+    assert NetConfig.from_json(older["net"]).seg_fusion == "add" and bundle_config(older).seg_fusion == "add"
+    with pytest.raises(ValueError, match="seg_fusion must be one of add, max, got 'mul'"):
+        NetConfig(seg_weight=1.0, seg_fusion="mul").validate()
+
+
+def resize_bilinear_like(model: KDModel, m: torch.Tensor) -> torch.Tensor:
+    """``m`` at the fusion size upsampled to the input as ``KDModel.fuse`` does."""
+    from engines.model import resize_bilinear
+
+    return resize_bilinear(m, model.upsample_rows, model.upsample_cols)
