@@ -4,13 +4,14 @@
         --bundle runs/accuracy/ball_screw_drive-full-rd-l2-hq0.999-e20-160x416-statstraining-blur2-seg0.5s16-s0 \\
         --data ../shared/data/ball_screw_drive
 
-The product adds the head's logits, centred on the held-out good parts' mean and put on the fused
-map's spread there, times ``seg_weight`` (``KDModel.seg_map``): every pixel of the map moves with the
-head, good pixels too. This script scores other ways to join the two, with the bundle's own
-student, head and statistics (benchmark code only; the product has one fusion):
+By default the product adds the head's logits, centred on the held-out good parts' mean and put on
+the fused map's spread there, times ``seg_weight`` (``KDModel.seg_map``): every pixel of the map
+moves with the head, good pixels too. This script scores ways to join the two, with the bundle's
+own student, head and statistics (benchmark code; the product has ``add`` and ``max``,
+``NetConfig.seg_fusion``; the row of the bundle's own fusion and weight must equal the bundle's
+``accuracy.py`` row):
 
-- ``add`` w: the product's fusion at weight w (its row at the bundle's weight must equal the
-  bundle's ``accuracy.py`` row);
+- ``add`` w: the head's term added at weight w;
 - ``floor`` w q: the head adds only where its logit is above its q-quantile on the held-out good
   pixels, ``relu(logit - floor) * scale * w``, so that the map of a part the head sees as good is
   the distillation map alone (its small spots untouched);
@@ -158,7 +159,7 @@ def main() -> int:
             "weight": weight,
             "quantile": q,
             "floor_logit": floor,
-            "product": form == "add" and weight == probe.cfg.seg_weight,
+            "product": form == probe.cfg.seg_fusion and weight == probe.cfg.seg_weight,  # the bundle's own
             "image_auroc": round(overall["image_auroc"], 4),
             "pixel_auroc": round(overall["pixel_auroc"], 4),
             "au_pro": round(overall["au_pro"], 4),
@@ -168,7 +169,7 @@ def main() -> int:
             "seconds": round(time.perf_counter() - t0, 1),
         }
         rows.append(row)
-        mark = " (the product)" if row["product"] else ""
+        mark = " (the bundle's)" if row["product"] else ""
         print(
             f"{form:>6} {weight:>4g} {'' if q is None else f'{q:g}':>5}  {row['image_auroc']:>9.3f} "
             f"{row['pixel_auroc']:>8.3f} {row['au_pro']:>7.3f} {plant['frr']:>7.1%} {plant['caught']:>7.1%}  "
