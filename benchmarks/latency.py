@@ -51,10 +51,12 @@ print(int(hwm.split()[1]) / 1024.0)
 
 
 # the networks that were the default before, otherwise the same settings (standardised L2, hard
-# mining, per-position spread, blur 2): the default without its segmentation head (stops 34-37),
+# mining, per-position spread, blur 2): the head's map added instead of joined by its maximum
+# (stops 38-39), the default without its segmentation head (stops 34-37),
 # the reverse student with the global term of blocks 9 + 10 without its grid (stops 17-19), and
 # the forward student (before stop 15; the accuracy issue's latency budget is "no slower than it")
 EARLIER_DEFAULTS = {
+    "added": {"seg_fusion": "add"},  # stops 38-39: the head's map added to the fused map
     "headless": {"seg_weight": 0.0},  # stops 34-37: the same network without the segmentation head
     "previous": {"global_taps": [9, 10], "global_grid": 0, "seg_weight": 0.0},
     "forward": {"student": "forward", "global_taps": [], "seg_weight": 0.0},
@@ -161,7 +163,8 @@ def model_label(bundle: Path) -> str:
     grid = f" grid {net['global_grid']}" if net.get("global_grid") else ""
     term = f", global term {','.join(str(t) for t in net['global_taps'])}{grid}" if net.get("global_taps") else ""
     wide = f", input {net['image_size']} x {net['image_width']}" if net.get("image_width") else ""
-    head = f", head stride {net.get('seg_stride', 8)} x {net['seg_weight']:g}" if net.get("seg_weight") else ""
+    joined = " max" if net.get("seg_fusion") == "max" else ""  # added: as before the setting
+    head = f", head stride {net.get('seg_stride', 8)} x {net['seg_weight']:g}{joined}" if net.get("seg_weight") else ""
     return f"{bundle.name} (taps {taps}, {shape} student, {net.get('distance', 'cosine')}{term}{head}{wide})"
 
 

@@ -4,18 +4,19 @@
         --bundle runs/accuracy/ball_screw_drive-full-rd-l2-hq0.999-e20-160x416-statstraining-blur2-seg0.5s16-s0 \\
         --data ../shared/data/ball_screw_drive
 
-By default the product adds the head's logits, centred on the held-out good parts' mean and put on
-the fused map's spread there, times ``seg_weight`` (``KDModel.seg_map``): every pixel of the map
-moves with the head, good pixels too. This script scores ways to join the two, with the bundle's
-own student, head and statistics (benchmark code; the product has ``add`` and ``max``,
-``NetConfig.seg_fusion``; the row of the bundle's own fusion and weight must equal the bundle's
-``accuracy.py`` row):
+The head's term is its logits centred on the held-out good parts' mean and put on the fused map's
+spread there, times ``seg_weight`` (``engines.model.seg_term``). This script scores ways to join it
+with the fused map, with the bundle's own student, head and statistics (``add`` and ``max`` are
+the product's, ``NetConfig.seg_fusion``, built through it; ``floor`` is benchmark code; the row of
+the bundle's own fusion and weight must equal the bundle's ``accuracy.py`` row):
 
-- ``add`` w: the head's term added at weight w;
+- ``add`` w: the head's term added at weight w (stops 38-39's default): every pixel of the map
+  moves with the head, good pixels too;
 - ``floor`` w q: the head adds only where its logit is above its q-quantile on the held-out good
   pixels, ``relu(logit - floor) * scale * w``, so that the map of a part the head sees as good is
   the distillation map alone (its small spots untouched);
-- ``max`` w: the larger of the fused map and the head's ``add`` term, pixel by pixel.
+- ``max`` w: the larger of the fused map and the head's term, pixel by pixel (the default since
+  stop 40).
 
 For each form the score statistics are fitted again on the held-out good parts (as a refit does)
 and the test split is scored by ``engines.evaluate`` like ``accuracy.py`` (image / pixel AUROC,
@@ -57,18 +58,12 @@ def parse_form(text: str) -> tuple[str, float, float | None]:
     raise argparse.ArgumentTypeError(msg)
 
 
-def joined(form: str, fused, logits, mean: float, scale: float, weight: float, floor: float | None = None):
-    """The fused map (N, 1, h, w) joined with the head's logits at the same size by ``form``."""
+def floored(fused, logits, floor: float, scale: float, weight: float):
+    """The ``floor`` form (benchmark only): the fused map (N, 1, h, w) plus the head's logits at the
+    same size above ``floor``, ``relu(logit - floor) * scale * weight``."""
     import torch
 
-    if form == "add":
-        return fused + (logits - mean) * (scale * weight)
-    if form == "floor":
-        return fused + torch.relu(logits - floor) * (scale * weight)
-    if form == "max":
-        return torch.maximum(fused, (logits - mean) * (scale * weight))
-    msg = f"unknown form {form!r}"
-    raise ValueError(msg)
+    return fused + torch.relu(logits - floor) * (scale * weight)
 
 
 def held_out_logits(model, images):
@@ -85,20 +80,38 @@ def held_out_logits(model, images):
     return torch.cat(out).numpy()
 
 
-def use_form(model, form: str, weight: float, floor: float | None) -> None:
-    """Make ``model``'s map the fused map joined with its head by ``form`` (instance attributes only)."""
+def use_floor(model, weight: float, floor: float) -> None:
+    """Make ``model``'s map the ``floor`` form (instance attributes only; ``add`` and ``max`` are the
+    product's own, ``form_model``)."""
     from engines.model import resize_bilinear
 
-    mean, scale = (float(v) for v in model.seg_stats[:2])
+    scale = float(model.seg_stats[1])
     model.seg_map = model.seg_logits  # what fuse receives: the head's raw logits at the fusion size
 
     def fuse(maps, logits):
-        out = joined(form, model.fused_grid(maps), logits, mean, scale, weight, floor)
+        out = floored(model.fused_grid(maps), logits, floor, scale, weight)
         if model.cfg.fuse_stride == 1:
             return out
         return resize_bilinear(out, model.upsample_rows, model.upsample_cols)
 
     model.fuse = fuse
+
+
+def form_model(bundle: Path, parts, form: str, weight: float, floor: float | None):
+    """The bundle's network with its head joined by ``form`` at ``weight``, statistics fitted again:
+    ``add`` and ``max`` through the product's own ``NetConfig.seg_fusion`` (``engines.model.join_seg``),
+    ``floor`` patched in by ``use_floor``."""
+    from map_settings import with_settings
+
+    from engines.train import fit_score_stats
+
+    if form != "floor":
+        return with_settings(bundle, parts, seg_weight=weight, seg_fusion=form)
+    model = with_settings(bundle, parts)
+    use_floor(model, weight, floor)
+    if model.global_term is not None:  # the score statistics of the floored map
+        fit_score_stats(model, parts[2])
+    return model
 
 
 def main() -> int:
@@ -120,7 +133,7 @@ def main() -> int:
     from map_settings import bundle_parts, with_settings
 
     from engines.evaluate import evaluate
-    from engines.train import fit_score_stats, predict
+    from engines.train import predict
 
     parts = bundle_parts(args.bundle)
     _, _, held_out, held_out_paths = parts
@@ -140,11 +153,8 @@ def main() -> int:
     rows = []
     for form, weight, q in args.forms or DEFAULT_FORMS:
         t0 = time.perf_counter()
-        model = with_settings(args.bundle, parts)
         floor = float(np.quantile(logits, q)) if q is not None else None
-        use_form(model, form, weight, floor)
-        if model.global_term is not None:
-            fit_score_stats(model, held_out)
+        model = form_model(args.bundle, parts, form, weight, floor)
         res = evaluate(
             args.data,
             model.cfg.input_hw(),

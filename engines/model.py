@@ -381,6 +381,25 @@ SEG_FUSIONS = ("add", "max")  # how the head's map joins the fused map (NetConfi
 SEG_BLUR_SIGMA = 4.0  # smoothing of its map, input pixels
 
 
+def seg_term(
+    logits: torch.Tensor, mean: torch.Tensor | float, scale: torch.Tensor | float, weight: float
+) -> torch.Tensor:
+    """The segmentation head's logits as the term joined with the fused map: centred on their mean
+    over the held-out good pixels, put on the fused map's spread there (``scale``), times ``weight``."""
+    return (logits - mean) * (scale * weight)
+
+
+def join_seg(fused: torch.Tensor, seg: torch.Tensor, fusion: str) -> torch.Tensor:
+    """The fused map joined with the head's term by ``fusion`` (``NetConfig.seg_fusion``; the one
+    place that decides it): ``add`` their sum, ``max`` the larger of the two per pixel."""
+    if fusion == "max":
+        return fused + F.relu(seg - fused)  # max(fused, seg) in operators TensorRT's parser is checked for
+    if fusion == "add":
+        return fused + seg
+    msg = f"seg_fusion must be one of {', '.join(SEG_FUSIONS)}, got {fusion!r}"
+    raise ValueError(msg)
+
+
 def box_matrix(n_out: int, n_in: int) -> torch.Tensor:
     """(n_out, n_in) matrix whose row o averages inputs o f .. o f + f - 1 (f = n_in / n_out, a whole
     number): an f-fold downsampling by the mean, without aliasing. For f = 2 it is ``bilinear_matrix``."""
@@ -701,7 +720,7 @@ class KDModel(nn.Module):
         """What the segmentation head adds to the fused map at the fusion size (None without one)."""
         if self.seg_head is None:
             return None
-        return (self.seg_logits(t_feats, s_feats) - self.seg_stats[0]) * (self.seg_stats[1] * self.cfg.seg_weight)
+        return seg_term(self.seg_logits(t_feats, s_feats), self.seg_stats[0], self.seg_stats[1], self.cfg.seg_weight)
 
     def set_seg_stats(self, mean: float, scale: float) -> None:
         self.seg_stats.copy_(torch.tensor([mean, max(scale, 1e-8)], dtype=torch.float32))
@@ -714,10 +733,8 @@ class KDModel(nn.Module):
         """``fused_grid`` joined with the segmentation head's ``seg_map`` (when given) by
         ``cfg.seg_fusion``, upsampled to the input size."""
         fused = self.fused_grid(maps)
-        if seg is not None and self.cfg.seg_fusion == "max":
-            fused = fused + F.relu(seg - fused)  # max(fused, seg) in operators TensorRT's parser is checked for
-        elif seg is not None:
-            fused = fused + seg
+        if seg is not None:
+            fused = join_seg(fused, seg, self.cfg.seg_fusion)
         if self.cfg.fuse_stride == 1:
             return fused
         return resize_bilinear(fused, self.upsample_rows, self.upsample_cols)

@@ -161,10 +161,10 @@ class TrainConfig(BaseModel):
         "of 8; heads from before the setting are 8)",
     )
     seg_fusion: Literal["add", "max"] = Field(
-        "add",
-        description="how the segmentation head's map joins the fused map: add (every pixel moves with the head) or "
-        "max (the larger of the two per pixel, so the distillation map's small spots stay where the head sees a "
-        "good part); bundles from before the setting add",
+        "max",
+        description="how the segmentation head's map joins the fused map: max (the larger of the two per pixel, so "
+        "the distillation map's small spots stay where the head sees a good part; the default since stop 40) or add "
+        "(every pixel moves with the head; stops 38-39); bundles from before the setting add",
     )
     fuse_stride: Literal[1, 2, 4] = Field(4, description="fuse and smooth the maps at 1/N of the input size")
     score: Literal["max", "topk"] = Field("max", description="image score from the map")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -127,6 +128,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         "blur_sigma": shipped.blur_sigma,
         "seg_weight": shipped.seg_weight,
         "seg_stride": shipped.seg_stride,
+        "seg_fusion": shipped.seg_fusion,
     }
     assert accuracy.is_default(row, shipped)
     for key, other in [
@@ -141,6 +143,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         ("blur_sigma", 4.0),
         ("seg_weight", 0.0),
         ("seg_stride", 8),
+        ("seg_fusion", "add"),
     ]:
         assert not accuracy.is_default({**row, key: other}, shipped), key
     # a row from before the global term is a network without it
@@ -173,6 +176,36 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
     stride8 = {k: v for k, v in row.items() if k != "seg_stride"}
     assert not accuracy.is_default(stride8, shipped)
     assert accuracy.is_default(stride8, TrainConfig(seg_stride=8))
+    # a row from before stop 39 has no seg_fusion: the head's map was added (stops 38-39's default)
+    added = {k: v for k, v in row.items() if k != "seg_fusion"}
+    assert not accuracy.is_default(added, shipped)
+    assert accuracy.is_default(added, TrainConfig(seg_fusion="add"))
+    # without a head the fusion is no setting either
+    assert accuracy.is_default({**added, "seg_weight": 0.0}, TrainConfig(seg_weight=0.0))
+    assert accuracy._key({**recorded8, "seg_fusion": "max"}) == accuracy._key({**recorded8, "seg_fusion": "add"})
+
+
+def test_accuracy_mark_only_sets_every_rows_default_again_and_measures_nothing(tmp_path, monkeypatch, capsys):
+    """``accuracy.py --mark-only`` after a default change: the row of the shipped network gains the
+    mark, a stale mark is taken off, every other field is kept."""
+    import accuracy
+
+    from engines.train import TrainConfig
+
+    shipped = TrainConfig()
+    row = {"dataset": "none_here", "variant": "full", "image_size": 256, "train_seconds": 1.0, "default": False}
+    row |= {k: accuracy.setting(shipped, k) for k in accuracy.NET_KEYS}
+    stale = {**row, "seg_fusion": "add", "default": True, "image_auroc": 0.5}
+    results = tmp_path / "accuracy.json"
+    results.write_text(json.dumps([row, stale]))
+    monkeypatch.setattr(
+        sys, "argv", ["accuracy.py", "--mark-only", "--results", str(results), "--data-root", str(tmp_path)]
+    )
+    assert accuracy.main() == 0
+    marked = json.loads(results.read_text())
+    assert [r["default"] for r in marked] == [True, False]
+    assert marked[1] == {**stale, "default": False}
+    assert "none_here" in capsys.readouterr().out  # the default's row printed
 
 
 def test_fused_map_standardises_each_map_on_its_own_good_statistics():

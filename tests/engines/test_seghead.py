@@ -37,13 +37,13 @@ def _test_set(root: Path):
     return items, imgs, masks
 
 
-def test_train_ships_a_stride_16_head_at_weight_half_and_refit_takes_it_off(trained_bundle, tmp_path):
-    """The default since stop 38: ``lineinspect train`` trains the head; ``refit --seg-weight 0``
-    gives the same student without one (the network of stops 34-37)."""
+def test_train_ships_a_stride_16_head_at_weight_half_joined_by_max_and_refit_takes_it_off(trained_bundle, tmp_path):
+    """The default since stop 38 (joined by its maximum since stop 40): ``lineinspect train`` trains
+    the head; ``refit --seg-weight 0`` gives the same student without one (the network of stops 34-37)."""
     from edge_app.cli import main
 
     meta = bundle_mod.read_meta(trained_bundle)
-    assert (meta["net"]["seg_weight"], meta["net"]["seg_stride"]) == (0.5, 16)
+    assert (meta["net"]["seg_weight"], meta["net"]["seg_stride"], meta["net"]["seg_fusion"]) == (0.5, 16, "max")
     assert meta["map_stats"]["seg_head"]["steps"] == 1500 and meta["map_stats"]["seg_head"]["seg_scale"] > 0
     assert load_bundle_model(trained_bundle).seg_head.grid == (8, 8)  # 128 x 128 input
     b = tmp_path / "model"
@@ -231,36 +231,53 @@ def test_train_says_what_the_head_took_and_seg_weight_0_trains_none(tmp_path, ca
             assert load_bundle_model(out_dir).seg_head is None
 
 
-def test_seg_fusion_max_keeps_the_head_takes_the_larger_map_and_exports(seg_bundle, tmp_path):
-    """``refit --seg-fusion max``: the head's weights are kept bit for bit; the map is the larger of
-    the fused map and the head's term, pixel by pixel (where the head's term is lower, the
-    distillation map alone); the graph exports with parity and passes the TensorRT rule check;
-    bundles from before the setting add."""
+def test_seg_fusion_max_takes_the_larger_map_and_refit_to_add_keeps_the_head_and_exports(seg_bundle, tmp_path):
+    """The default ``seg_fusion: max``: the map is the larger of the fused map and the head's term,
+    pixel by pixel (where the head's term is lower, the distillation map alone). ``refit
+    --seg-fusion add`` (stops 38-39's fusion) keeps the head's weights bit for bit and gives their
+    sum; that graph exports with parity and passes the TensorRT rule check (the max graph: the
+    export test above); bundles from before the setting add."""
     from edge_app.cli import main
     from engines.export import export_bundle
     from engines.trt_compat import tensorrt_problems
 
-    b = tmp_path / "model"
-    shutil.copytree(seg_bundle, b)
-    assert main(["refit", "--bundle", str(b), "--seg-fusion", "max"]) == 0
-    meta = bundle_mod.read_meta(b)
+    meta = bundle_mod.read_meta(seg_bundle)
     assert meta["net"]["seg_fusion"] == "max" and bundle_config(meta).seg_fusion == "max"
-    before = torch.load(bundle_mod.student_path(seg_bundle, bundle_mod.read_meta(seg_bundle)), weights_only=True)
-    after = torch.load(bundle_mod.student_path(b, meta), weights_only=True)
-    for k, v in before.items():
-        if k.startswith(SEG_PREFIX):
-            torch.testing.assert_close(after[k], v, rtol=0, atol=0)
-    model = load_bundle_model(b)
     x = to_tensor(np.random.default_rng(0).integers(0, 255, (2, 128, 128, 3), dtype=np.uint8), torch.device("cpu"))
-    with torch.no_grad():
-        t, s, _ = model.run_networks(x)
-        fused, seg = model.fused_grid(model.scale_maps(t, s)), model.seg_map(t, s)
-        joined = model.fuse(model.scale_maps(t, s), seg)
-        alone = model.fuse(model.scale_maps(t, s), None)  # the fused map without the head
-        bigger = resize_bilinear_like(model, torch.maximum(fused, seg))
-    torch.testing.assert_close(joined, bigger, rtol=0, atol=1e-5)
+
+    def halves(model: KDModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            t, s, _ = model.run_networks(x)
+            maps = model.scale_maps(t, s)
+            return (
+                model.fused_grid(maps),
+                model.seg_map(t, s),
+                model.fuse(maps, model.seg_map(t, s)),
+                model.fuse(maps, None),
+            )
+
+    fused, seg, joined, alone = halves(load_bundle_model(seg_bundle))
+    torch.testing.assert_close(
+        joined, resize_bilinear_like(load_bundle_model(seg_bundle), torch.maximum(fused, seg)), rtol=0, atol=1e-5
+    )
     assert (seg < fused).any() and (seg > fused).any()  # both halves decide somewhere
     assert not torch.allclose(joined, alone)
+
+    b = tmp_path / "model"
+    shutil.copytree(seg_bundle, b)
+    assert main(["refit", "--bundle", str(b), "--seg-fusion", "add"]) == 0
+    added_meta = bundle_mod.read_meta(b)
+    assert added_meta["net"]["seg_fusion"] == "add" and bundle_config(added_meta).seg_fusion == "add"
+    before = torch.load(bundle_mod.student_path(seg_bundle, meta), weights_only=True)
+    after = torch.load(bundle_mod.student_path(b, added_meta), weights_only=True)
+    assert any(k.startswith(SEG_PREFIX) for k in after)
+    kept = {**student_part(before), **{k: v for k, v in before.items() if k.startswith(SEG_PREFIX)}}
+    for k, v in kept.items():  # the student and the head, bit for bit (the global term is refitted)
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    added = load_bundle_model(b)
+    fused_a, seg_a, summed, _ = halves(added)
+    torch.testing.assert_close(summed, resize_bilinear_like(added, fused_a + seg_a), rtol=0, atol=1e-5)
+    assert not torch.allclose(summed, joined, atol=1e-3)
     graph = onnx.load(str(export_bundle(b)))  # parity with torch checked by the export itself
     assert tensorrt_problems(graph) == []
     older = json.loads(json.dumps(meta))
