@@ -270,7 +270,7 @@ def main() -> int:
     ap.add_argument(
         "--mark-only",
         action="store_true",
-        help="set every row's \"default\" against what lineinspect train ships now and stop (no training, no "
+        help='set every row\'s "default" against what lineinspect train ships now and stop (no training, no '
         "scoring: after the default changed to a network whose rows are already measured)",
     )
     args = ap.parse_args()
