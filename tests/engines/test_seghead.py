@@ -248,18 +248,12 @@ def test_seg_fusion_max_takes_the_larger_map_and_refit_to_add_keeps_the_head_and
     def halves(model: KDModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             t, s, _ = model.run_networks(x)
-            maps = model.scale_maps(t, s)
-            return (
-                model.fused_grid(maps),
-                model.seg_map(t, s),
-                model.fuse(maps, model.seg_map(t, s)),
-                model.fuse(maps, None),
-            )
+            maps, seg = model.scale_maps(t, s), model.seg_map(t, s)
+            return model.fused_grid(maps), seg, model.fuse(maps, seg), model.fuse(maps, None)
 
-    fused, seg, joined, alone = halves(load_bundle_model(seg_bundle))
-    torch.testing.assert_close(
-        joined, resize_bilinear_like(load_bundle_model(seg_bundle), torch.maximum(fused, seg)), rtol=0, atol=1e-5
-    )
+    model = load_bundle_model(seg_bundle)
+    fused, seg, joined, alone = halves(model)
+    torch.testing.assert_close(joined, resize_bilinear_like(model, torch.maximum(fused, seg)), rtol=0, atol=1e-5)
     assert (seg < fused).any() and (seg > fused).any()  # both halves decide somewhere
     assert not torch.allclose(joined, alone)
 
