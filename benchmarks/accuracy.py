@@ -82,6 +82,7 @@ NET_KEYS = (
     "seg_weight",
     "seg_stride",
     "seg_fusion",
+    "seg_samples",
 )
 OLD_DEFAULTS = {
     "global_taps": [],  # rows from before the global term: the map's score alone
@@ -102,6 +103,7 @@ OLD_DEFAULTS = {
     "seg_weight": 0.0,  # rows from before the segmentation head: none
     "seg_stride": 8,  # rows from before its stride could be chosen
     "seg_fusion": "add",  # rows from before its fusion could be chosen: added
+    "seg_samples": 2,  # rows from before stop 41: 2 synthetic samples per training part
 }
 
 
@@ -127,6 +129,7 @@ OPTIONS = (
     "seg_weight",
     "seg_stride",
     "seg_fusion",
+    "seg_samples",
 )
 
 
@@ -138,9 +141,9 @@ def _key(row: dict) -> tuple:
 
 def row_setting(row: dict, key: str):
     """A network setting of a row: rows from before a setting existed read its old default; the
-    head's stride and fusion of a network without a head are no settings (None), whatever the row
+    head's stride, fusion and samples of a network without a head are no settings (None), whatever the row
     recorded."""
-    if key in ("seg_stride", "seg_fusion") and not row.get("seg_weight", OLD_DEFAULTS["seg_weight"]):
+    if key in ("seg_stride", "seg_fusion", "seg_samples") and not row.get("seg_weight", OLD_DEFAULTS["seg_weight"]):
         return None
     return row.get(key, OLD_DEFAULTS.get(key))
 
@@ -256,6 +259,9 @@ def main() -> int:
     ap.add_argument(
         "--seg-fusion", choices=["add", "max"], help="how the head's map joins ours (default: lineinspect train's)"
     )
+    ap.add_argument(
+        "--seg-samples", type=int, help="synthetic samples per part for the head (default: lineinspect train's)"
+    )
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
     ap.add_argument("--peer-coreset", type=float, default=0.01, help="PatchCore coreset ratio")
@@ -322,6 +328,8 @@ def main() -> int:
                     more += f"s{cfg.seg_stride}"
                 if cfg.seg_fusion != OLD_DEFAULTS["seg_fusion"]:
                     more += cfg.seg_fusion
+                if cfg.seg_samples != OLD_DEFAULTS["seg_samples"]:
+                    more += f"n{cfg.seg_samples}"
             tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}{more}-s{cfg.seed}"
             bundle = args.work / tag
             train_s = _reused_seconds(bundle, cfg, args.work, data) if args.reuse else None
@@ -375,6 +383,7 @@ def main() -> int:
                 "seg_weight": cfg.seg_weight,
                 "seg_stride": cfg.seg_stride,
                 "seg_fusion": cfg.seg_fusion,
+                "seg_samples": cfg.seg_samples,
                 "lr": cfg.lr,
                 "seed": cfg.seed,
                 "image_size": size[0],  # the input's height and width (image_width None: a square)

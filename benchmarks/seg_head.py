@@ -1,7 +1,9 @@
 """The segmentation head measured on trained bundles: strides, head seeds and weights from one run.
 
     python benchmarks/seg_head.py --bundle runs/accuracy/magnetic_tile-full-rd-l2-hq0.999-e20-statstraining-blur2-s0 \\
-                                  --data ../shared/data/magnetic_tile [--strides 8 16] [--seeds 0 1] [--weights 0.5 1]
+                                  --data ../shared/data/magnetic_tile [--strides 8 16] [--seeds 0 1] \\
+                                  [--weights 0.5 1] [--fusion max] [--samples-per-image 5] \\
+                                  [--fills tone texture blur noise shade]
 
 The product's head (``engines.model.SegHead``, trained by ``engines.seghead.train_seg_head``
 exactly as ``lineinspect train`` / ``refit --seg-weight`` does) is put on a bundle trained without
@@ -13,7 +15,10 @@ would score, without a bundle per w. Prints image / pixel AUROC / AU-PRO, the pl
 1 % (threshold from the project's calibration rule on the held-out good parts) and per type;
 writes benchmarks/results/seg_head.json (entries with ``"head": "product"``; the older entries,
 with ``"context"`` in their settings, came from stop 36's version of this script, which had its
-own copy of the head).
+own copy of the head). The head's map joins ours by ``--fusion`` (default: train's, max since
+stop 40; entries without ``"fusion"`` in their settings added it), and it learns from
+``--samples-per-image`` synthetic samples per training part (default: train's ``seg_samples``;
+entries without it in their settings had 2) with the ``--fills`` of ``engines.corrupt``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from _machine import machine_name, replace_result  # noqa: E402
+
+from engines.corrupt import DEFAULT_FILLS, FILLS  # noqa: E402
+from engines.seghead import MAX_SAMPLES  # noqa: E402
 
 
 def scored(model, data: Path, held_out: list[Path], good, alpha: float) -> dict:
@@ -48,7 +56,16 @@ def main() -> int:
     ap.add_argument("--strides", type=int, nargs="+", default=[8], choices=[8, 16], help="the head's grids")
     ap.add_argument("--seeds", type=int, nargs="+", help="head seeds (default: the bundle's, as train uses)")
     ap.add_argument("--steps", type=int, help="optimiser steps (default: lineinspect train's)")
-    ap.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0], help="w in ours + w x head")
+    ap.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0], help="the head's weight w")
+    ap.add_argument(
+        "--fusion", choices=["add", "max"], help="how the head's map joins ours (default: lineinspect train's)"
+    )
+    ap.add_argument(
+        "--fills", nargs="+", choices=FILLS, help="synthetic defects the head learns (default: engines.corrupt's)"
+    )
+    ap.add_argument(
+        "--samples-per-image", type=int, help="synthetic samples per training part (default: lineinspect train's)"
+    )
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--results", type=Path, default=HERE / "results" / "seg_head.json")
     ap.add_argument("--heads", type=Path, default=HERE.parent / "runs" / "seg_heads", help="trained heads kept here")
@@ -77,6 +94,9 @@ def main() -> int:
     size = base.cfg.input_hw()
     train_imgs, good = load_images(train_paths, size), load_images(held_out, size)
     steps = args.steps or TrainConfig.model_fields["seg_steps"].default
+    fusion = args.fusion or TrainConfig.model_fields["seg_fusion"].default
+    fills = tuple(args.fills or DEFAULT_FILLS)
+    per_image = args.samples_per_image or TrainConfig.model_fields["seg_samples"].default
     machine = machine_name()
     head_line = "map | image AUROC / pixel AUROC / AU-PRO | FRR / caught | per type pixel AUROC / AU-PRO"
 
@@ -104,18 +124,24 @@ def main() -> int:
     ours = row("ours (the bundle)", scored(base, args.data, held_out, good, args.alpha))
     for stride in args.strides:
         for seed in args.seeds if args.seeds is not None else [cfg.seed]:
-            net = dataclasses.replace(base.cfg, seg_weight=1.0, seg_stride=stride)
+            net = dataclasses.replace(base.cfg, seg_weight=1.0, seg_stride=stride, seg_fusion=fusion)
             model = KDModel(base.teacher, net).eval()
             missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
             assert not unexpected and all(k.startswith(("seg_", "seg_head.")) for k in missing), (missing, unexpected)
-            saved = args.heads / f"{args.bundle.name}-stride{stride}-seed{seed}-steps{steps}.pt"
+            recipe = "" if fills == DEFAULT_FILLS else "-" + "+".join(fills)
+            recipe += f"-x{per_image}"
+            saved = args.heads / f"{args.bundle.name}-stride{stride}-seed{seed}-steps{steps}{recipe}.pt"
             if args.reuse and saved.is_file():  # a head this script trained before, with its statistics
                 state = torch.load(saved, weights_only=True)
                 model.seg_head.load_state_dict(state["head"])
                 model.seg_stats.copy_(state["seg_stats"])
                 fit = json.loads(state["fit"])
             else:
-                fit = train_seg_head(model, train_imgs, good, steps, seed)
+                # as many samples as asked for (the product's cap bounds its own count only)
+                cap = max(MAX_SAMPLES, per_image * len(train_imgs))
+                fit = train_seg_head(
+                    model, train_imgs, good, steps, seed, fills, samples_per_image=per_image, max_samples=cap
+                )
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 state = {"head": model.seg_head.state_dict(), "seg_stats": model.seg_stats, "fit": json.dumps(fit)}
                 torch.save(state, saved)
@@ -123,9 +149,13 @@ def main() -> int:
             rows_out = [ours]
             for w in args.weights:
                 model.cfg.seg_weight = w
-                name = f"ours + {w:g} x head (stride {stride}, seed {seed})"
+                join = f"ours + {w:g} x head" if fusion == "add" else f"max(ours, {w:g} x head)"
+                name = f"{join} (stride {stride}, seed {seed}, {'+'.join(fills)})"
                 rows_out.append(row(name, scored(model, args.data, held_out, good, args.alpha)))
-            settings = {"head": "product", "stride": stride, "seed": seed, "steps": steps}
+            settings = {"head": "product", "stride": stride, "seed": seed, "steps": steps, "fusion": fusion,
+                        "samples_per_image": per_image}  # fmt: skip
+            if fills != DEFAULT_FILLS:
+                settings["fills"] = "+".join(fills)
             out = {"machine": machine, "bundle": args.bundle.name, "data": args.data.name, "settings": settings,
                    "fit": fit, "variants": rows_out}  # fmt: skip
             replace_result(

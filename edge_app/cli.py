@@ -45,6 +45,7 @@ def _add_refit(sub: argparse._SubParsersAction) -> None:
         "--seg-weight", type=float, help="weight of a segmentation head trained on synthetic defects (0: none)"
     )
     p.add_argument("--seg-steps", type=int, help="optimiser steps of the segmentation head's training")
+    p.add_argument("--seg-samples", type=int, help="synthetic samples per training part the head learns from")
     p.add_argument("--seg-stride", type=int, choices=[8, 16], help="the segmentation head's grid, input px per cell")
     p.add_argument(
         "--seg-fusion", choices=["add", "max"], help="how the head's map joins the distillation map (add or max)"

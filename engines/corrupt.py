@@ -15,7 +15,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-FILLS = ("tone", "texture", "blur", "noise")
+FILLS = ("tone", "texture", "blur", "noise", "shade")
+DEFAULT_FILLS = ("tone", "texture", "blur", "noise")  # what corrupt draws from unless told
 
 
 def region_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -50,18 +51,26 @@ def _fill(img: np.ndarray, kind: str, rng: np.random.Generator, pool: np.ndarray
         return cv2.GaussianBlur(f, (0, 0), rng.uniform(2.0, 6.0))
     if kind == "noise":
         return f + rng.normal(0.0, rng.uniform(10.0, 30.0), (h, w, 1)).astype(np.float32)
+    if kind == "shade":  # a faint brightness change (uneven lighting, a discoloured patch)
+        return f * float(rng.uniform(0.75, 0.92) if rng.random() < 0.5 else rng.uniform(1.08, 1.3))
     msg = f"unknown fill {kind!r} (one of {FILLS})"
     raise ValueError(msg)
 
 
-def corrupt(img: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def corrupt(
+    img: np.ndarray, rng: np.random.Generator, pool: np.ndarray, fills: tuple[str, ...] = DEFAULT_FILLS
+) -> tuple[np.ndarray, np.ndarray]:
     """A good uint8 RGB image (h, w, 3) with one synthetic defect, and its soft mask (h, w).
 
-    ``pool``: good images of the same size (N, h, w, 3) whose texture a ``texture`` fill borrows.
+    ``pool``: good images of the same size (N, h, w, 3) whose texture a ``texture`` fill borrows;
+    ``fills``: the kinds of fill drawn from (``FILLS``). A ``shade`` region fades in over a wide
+    edge (3-10 % of the image's shorter side), as a lighting or colour change does.
     """
     h, w = img.shape[:2]
     mask = region_mask(rng, h, w)
-    kind = FILLS[int(rng.integers(len(FILLS)))]
+    kind = fills[int(rng.integers(len(fills)))]
+    if kind == "shade":
+        mask = np.clip(cv2.GaussianBlur(mask, (0, 0), rng.uniform(0.03, 0.1) * min(h, w)), 0.0, 1.0)
     out = img.astype(np.float32) * (1.0 - mask[..., None]) + _fill(img, kind, rng, pool) * mask[..., None]
     return np.clip(out + 0.5, 0, 255).astype(np.uint8), mask
 

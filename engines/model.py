@@ -148,7 +148,7 @@ class NetConfig:
             msg = f"seg_weight must be within 0..10, got {self.seg_weight}"
             raise ValueError(msg)
         if self.seg_fusion not in SEG_FUSIONS:
-            msg = f"seg_fusion must be one of {', '.join(SEG_FUSIONS)}, got {self.seg_fusion!r}"
+            msg = unknown_fusion(self.seg_fusion)
             raise ValueError(msg)
         if self.seg_stride not in SEG_STRIDES:
             msg = f"seg_stride must be one of {', '.join(map(str, SEG_STRIDES))}, got {self.seg_stride}"
@@ -381,6 +381,11 @@ SEG_FUSIONS = ("add", "max")  # how the head's map joins the fused map (NetConfi
 SEG_BLUR_SIGMA = 4.0  # smoothing of its map, input pixels
 
 
+def unknown_fusion(fusion: str) -> str:
+    """The refusal of a ``seg_fusion`` outside ``SEG_FUSIONS`` (NetConfig.validate, join_seg)."""
+    return f"seg_fusion must be one of {', '.join(SEG_FUSIONS)}, got {fusion!r}"
+
+
 def seg_term(
     logits: torch.Tensor, mean: torch.Tensor | float, scale: torch.Tensor | float, weight: float
 ) -> torch.Tensor:
@@ -396,8 +401,7 @@ def join_seg(fused: torch.Tensor, seg: torch.Tensor, fusion: str) -> torch.Tenso
         return fused + F.relu(seg - fused)  # max(fused, seg) in operators TensorRT's parser is checked for
     if fusion == "add":
         return fused + seg
-    msg = f"seg_fusion must be one of {', '.join(SEG_FUSIONS)}, got {fusion!r}"
-    raise ValueError(msg)
+    raise ValueError(unknown_fusion(fusion))
 
 
 def box_matrix(n_out: int, n_in: int) -> torch.Tensor:

@@ -19,11 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engines.corrupt import corrupt
+from engines.corrupt import DEFAULT_FILLS, corrupt
 from engines.model import KDModel
 
-SAMPLES_PER_IMAGE = 2
-MAX_SAMPLES = 2000  # bounds the cached features (about 0.7 MB each at 256 x 256)
+MAX_SAMPLES = 4000  # bounds the cached features (at 256 x 256 about 0.18 MB each on the stride-16 grid, 0.7 MB on 8)
 CLEAN_SHARE = 0.25  # samples left without a defect
 BATCH = 16
 LR = 2e-3  # one-cycle peak
@@ -31,7 +30,11 @@ SEG_STATS = ("seg_mean", "seg_scale", "n_held_out")  # what fit_seg_stats record
 
 
 def synthetic_sample(
-    img: np.ndarray, rng: np.random.Generator, pool: np.ndarray, clean: float = CLEAN_SHARE
+    img: np.ndarray,
+    rng: np.random.Generator,
+    pool: np.ndarray,
+    clean: float = CLEAN_SHARE,
+    fills: tuple[str, ...] = DEFAULT_FILLS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One sample from a good uint8 image (H, W, 3): randomly flipped, then given one synthetic
     defect (``engines.corrupt``, textures borrowed from ``pool``) or, with probability ``clean``,
@@ -40,13 +43,16 @@ def synthetic_sample(
     img = np.ascontiguousarray(img[::-1] if rng.random() < 0.5 else img)
     if rng.random() < clean:
         return img, np.zeros(img.shape[:2], np.float32)
-    return corrupt(img, rng, pool)
+    return corrupt(img, rng, pool, fills)
 
 
-def synthetic_set(images: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_set(
+    images: np.ndarray, n: int, rng: np.random.Generator, fills: tuple[str, ...] = DEFAULT_FILLS
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` samples (``synthetic_sample``) cycling through good uint8 images (N, H, W, 3):
     (images, soft masks (n, H, W))."""
-    xs, ms = zip(*(synthetic_sample(images[k % len(images)], rng, images) for k in range(n)), strict=True)
+    samples = (synthetic_sample(images[k % len(images)], rng, images, fills=fills) for k in range(n))
+    xs, ms = zip(*samples, strict=True)
     return np.stack(xs), np.stack(ms)
 
 
@@ -78,10 +84,20 @@ def head_inputs(model: KDModel, images: np.ndarray, batch_size: int = 16) -> tor
 
 
 def train_seg_head(
-    model: KDModel, train_imgs: np.ndarray, held_out: np.ndarray, steps: int, seed: int
+    model: KDModel,
+    train_imgs: np.ndarray,
+    held_out: np.ndarray,
+    steps: int,
+    seed: int,
+    fills: tuple[str, ...] = DEFAULT_FILLS,
+    *,
+    samples_per_image: int,
+    max_samples: int = MAX_SAMPLES,
 ) -> dict[str, Any]:
-    """Train ``model.seg_head`` (the student and teacher stay frozen), then set its statistics on
-    the held-out good parts (``fit_seg_stats``). Returns what model.json records."""
+    """Train ``model.seg_head`` (the student and teacher stay frozen) on ``samples_per_image``
+    synthetic samples per training part (``TrainConfig.seg_samples``; at most ``max_samples``),
+    then set its statistics on the held-out good parts (``fit_seg_stats``). Returns what
+    model.json records."""
     if model.seg_head is None:
         msg = "this network has no segmentation head (seg_weight is 0)"
         raise ValueError(msg)
@@ -96,10 +112,10 @@ def train_seg_head(
                 m.reset_parameters()
     t0 = time.perf_counter()
     model.eval()
-    x, masks = synthetic_set(train_imgs, min(SAMPLES_PER_IMAGE * len(train_imgs), MAX_SAMPLES), rng)
+    x, masks = synthetic_set(train_imgs, min(samples_per_image * len(train_imgs), max_samples), rng, fills)
     feats, targets = head_inputs(model, x), grid_targets(masks, head.grid)
     del x
-    xv, mv = synthetic_set(held_out, len(held_out), np.random.default_rng(seed + 104729))
+    xv, mv = synthetic_set(held_out, len(held_out), np.random.default_rng(seed + 104729), fills)
     feats_v, targets_v = head_inputs(model, xv), grid_targets(mv, head.grid)
     feature_s = time.perf_counter() - t0
     opt = torch.optim.Adam(head.parameters(), LR / 2)

@@ -155,6 +155,13 @@ class TrainConfig(BaseModel):
         "head have none)",
     )
     seg_steps: int = Field(1500, ge=1, description="optimiser steps of the segmentation head's training")
+    seg_samples: int = Field(
+        5,
+        ge=1,
+        le=20,
+        description="synthetic-defect samples the segmentation head learns from per training part (their features "
+        "computed once; at most engines.seghead.MAX_SAMPLES in all); 5 since stop 41, 2 before (bundles keep theirs)",
+    )
     seg_stride: Literal[8, 16] = Field(
         16,
         description="the segmentation head's grid, input pixels per cell (16 since stop 38: a quarter of the cost "
@@ -468,7 +475,9 @@ def after_training(
         from engines.seghead import train_seg_head
 
         log.info("training the segmentation head: %d steps on synthetic defects (seg_weight 0: none)", cfg.seg_steps)
-        stats["seg_head"] = train_seg_head(model, train_imgs, val_imgs, cfg.seg_steps, cfg.seed)
+        stats["seg_head"] = train_seg_head(
+            model, train_imgs, val_imgs, cfg.seg_steps, cfg.seed, samples_per_image=cfg.seg_samples
+        )
     if model.cfg.global_taps:
         stats |= fit_global_term(model, train_imgs, val_imgs)
     stats["good_score"] = good_score_summary(model, val_imgs)
@@ -489,6 +498,7 @@ def bundle_config(meta: dict[str, Any]) -> TrainConfig:
         config.setdefault("seg_weight", net.seg_weight)
         config.setdefault("seg_stride", net.seg_stride)
         config.setdefault("seg_fusion", net.seg_fusion)
+    config.setdefault("seg_samples", 2)  # heads from before the setting learnt from 2 samples per part
     stats = meta.get("map_stats") or {}
     config.setdefault("map_stats_from", stats.get("map_stats_from", "held_out"))  # before stop 32: held out
     config.setdefault("position_spread_images", 300 if isinstance(stats.get("pos_std"), list) else 0)
@@ -893,6 +903,7 @@ AFTER_TRAINING = frozenset(
         "seg_steps",
         "seg_stride",
         "seg_fusion",
+        "seg_samples",
     }
 )
 
@@ -902,7 +913,7 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
     would have written it with them: the student is kept bit for bit; the map's statistics, the
     global term (none for ``global_taps=[]``) and the score statistics are computed again on the
     bundle's own split. A segmentation head is kept too (its statistics fitted again) unless it is
-    added, or its grid or steps change: then it is trained (``seg_weight=0`` takes it off).
+    added, or its grid, steps or samples change: then it is trained (``seg_weight=0`` takes it off).
     Rewrites the student weights and model.json, crash-safe (``bundle.write_student_and_meta``; an
     exported graph no longer matches and is removed). A bundle that does not load
     (``load_bundle_model``'s checks) is refused unchanged."""
@@ -924,10 +935,11 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
     net_cfg = cfg.net_config()
     model = KDModel(bundle_teacher(meta, net_cfg.teacher_taps(), cfg.teacher_weights), net_cfg).eval()
     old = meta["map_stats"]
-    # a head trained on this student with the same grid and steps is what train would train again
-    # (it depends on neither the map's settings nor its weight): kept, only its statistics refitted
+    # a head trained on this student with the same grid, steps and samples is what train would train
+    # again (it depends on neither the map's settings nor its weight): kept, only its statistics refitted
+    head_training = ("seg_stride", "seg_steps", "seg_samples")
     keep_head = bool(
-        was.seg_weight and cfg.seg_weight and (was.seg_stride, was.seg_steps) == (cfg.seg_stride, cfg.seg_steps)
+        was.seg_weight and cfg.seg_weight and all(getattr(was, k) == getattr(cfg, k) for k in head_training)
     )
     if keep_head:
         from engines.seghead import SEG_STATS

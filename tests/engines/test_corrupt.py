@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.corrupt import FILLS, _fill, corrupt, region_mask
+from engines.corrupt import DEFAULT_FILLS, FILLS, _fill, corrupt, region_mask
 from engines.evaluate import evaluate
 from engines.train import TrainConfig, load_bundle_model, predict, train
 
@@ -56,6 +56,25 @@ def test_every_fill_is_different_from_the_part_and_a_bad_name_is_refused():
         assert np.abs(f - img.astype(np.float32)).mean() > 2.0, kind
     with pytest.raises(ValueError, match="unknown fill 'paint'"):
         _fill(img, "paint", np.random.default_rng(0), pool)
+
+
+def test_a_shade_is_a_faint_brightness_change_that_fades_in_over_a_wide_edge():
+    pool = _parts(4, 96, 160)
+    img = pool[0].astype(np.float64)
+    assert "shade" in FILLS and "shade" not in DEFAULT_FILLS  # drawn only when asked for
+    for seed in range(12):
+        out, mask = corrupt(pool[0], np.random.default_rng(seed), pool, fills=("shade",))
+        diff = np.abs(out - img)
+        assert (diff <= mask[..., None] * 255.0 + 1.0).all() and (diff[mask < 1e-3] <= 1.0).all()
+        core = mask > 0.99
+        if core.sum() > 50:  # inside, one gain for every pixel: 0.75-0.92 or 1.08-1.3
+            gain = np.median(out[core] / img[core])
+            assert 0.74 < gain < 0.93 or 1.07 < gain < 1.31, gain
+        # the region the other fills draw (the generator's first draws), faded in: a Gaussian edge
+        # of sigma >= 3 % of the shorter side (2.9 px) rises at most 1 / (2.5 x 2.9) per pixel
+        plain = region_mask(np.random.default_rng(seed), 96, 160)
+        steepest = max(np.abs(g).max() for g in np.gradient(mask))
+        assert steepest < min(0.15, max(np.abs(g).max() for g in np.gradient(plain))), seed
 
 
 def test_training_with_synthetic_defects_records_its_loss_and_separates_defects(tmp_path: Path, synthetic_root: Path):

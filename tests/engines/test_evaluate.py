@@ -129,6 +129,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         "seg_weight": shipped.seg_weight,
         "seg_stride": shipped.seg_stride,
         "seg_fusion": shipped.seg_fusion,
+        "seg_samples": shipped.seg_samples,
     }
     assert accuracy.is_default(row, shipped)
     for key, other in [
@@ -144,6 +145,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         ("seg_weight", 0.0),
         ("seg_stride", 8),
         ("seg_fusion", "add"),
+        ("seg_samples", 2),
     ]:
         assert not accuracy.is_default({**row, key: other}, shipped), key
     # a row from before the global term is a network without it
@@ -183,6 +185,11 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
     # without a head the fusion is no setting either
     assert accuracy.is_default({**added, "seg_weight": 0.0}, TrainConfig(seg_weight=0.0))
     assert accuracy._key({**recorded8, "seg_fusion": "max"}) == accuracy._key({**recorded8, "seg_fusion": "add"})
+    # a row from before stop 41 has no seg_samples: its head learnt from 2 samples per part
+    fewer = {k: v for k, v in row.items() if k != "seg_samples"}
+    assert not accuracy.is_default(fewer, shipped)
+    assert accuracy.is_default(fewer, TrainConfig(seg_samples=2))
+    assert accuracy._key({**recorded8, "seg_samples": 5}) == accuracy._key({**recorded8, "seg_samples": 2})
 
 
 def test_accuracy_mark_only_sets_every_rows_default_again_and_measures_nothing(tmp_path, monkeypatch, capsys):
