@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from engines.corrupt import DEFAULT_FILLS, corrupt
 from engines.model import KDModel
 
-MAX_SAMPLES = 4000  # bounds the cached features (at 256 x 256 about 0.18 MB each on the stride-16 grid, 0.7 MB on 8)
+MAX_SAMPLES = 2000  # bounds the cached features (at 256 x 256 about 0.18 MB each on the stride-16 grid, 0.7 MB on 8)
 CLEAN_SHARE = 0.25  # samples left without a defect
 BATCH = 16
 LR = 2e-3  # one-cycle peak

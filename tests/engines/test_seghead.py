@@ -45,9 +45,9 @@ def test_train_ships_a_stride_16_head_at_weight_half_joined_by_max_and_refit_tak
     meta = bundle_mod.read_meta(trained_bundle)
     assert (meta["net"]["seg_weight"], meta["net"]["seg_stride"], meta["net"]["seg_fusion"]) == (0.5, 16, "max")
     assert meta["map_stats"]["seg_head"]["steps"] == 1500 and meta["map_stats"]["seg_head"]["seg_scale"] > 0
-    # from 5 synthetic samples per training part since stop 41 (2 before)
-    assert meta["training"]["config"]["seg_samples"] == 5
-    assert meta["map_stats"]["seg_head"]["samples"] == 5 * meta["training"]["n_train"]
+    # from 2 synthetic samples per training part (seg_samples, an option since stop 41)
+    assert meta["training"]["config"]["seg_samples"] == 2
+    assert meta["map_stats"]["seg_head"]["samples"] == 2 * meta["training"]["n_train"]
     assert load_bundle_model(trained_bundle).seg_head.grid == (8, 8)  # 128 x 128 input
     b = tmp_path / "model"
     shutil.copytree(trained_bundle, b)
@@ -63,7 +63,7 @@ def test_the_head_is_trained_after_the_student_and_marks_defects(seg_bundle, tra
     meta = bundle_mod.read_meta(seg_bundle)
     assert meta["net"]["seg_weight"] == 1.0
     rec = meta["map_stats"]["seg_head"]
-    assert rec["steps"] == 80 and rec["samples"] == 5 * meta["training"]["n_train"]  # the bundle's seg_samples
+    assert rec["steps"] == 80 and rec["samples"] == 2 * meta["training"]["n_train"]  # the bundle's seg_samples
     assert rec["seg_scale"] > 0
     old = torch.load(bundle_mod.student_path(trained_bundle, bundle_mod.read_meta(trained_bundle)), weights_only=True)
     new = torch.load(bundle_mod.student_path(seg_bundle, meta), weights_only=True)
