@@ -19,6 +19,8 @@ own copy of the head). The head's map joins ours by ``--fusion`` (default: train
 stop 40; entries without ``"fusion"`` in their settings added it), and it learns from
 ``--samples-per-image`` synthetic samples per training part (default: train's ``seg_samples``;
 entries without it in their settings had 2) with the ``--fills`` of ``engines.corrupt``.
+``--ensemble`` also scores the mean of the ``--seeds`` heads' logits (``MeanHead``, benchmark code;
+entries with ``"ensemble": true``); with ``--reuse`` the kept heads' own entries stand.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def main() -> int:
     )
     ap.add_argument(
         "--samples-per-image", type=int, help="synthetic samples per training part (default: lineinspect train's)"
+    )
+    ap.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="also score the mean of the --seeds heads' logits (one head in the graph)",
     )
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--results", type=Path, default=HERE / "results" / "seg_head.json")
@@ -122,8 +129,44 @@ def main() -> int:
 
     print(f"{args.data.name}, {args.bundle.name} ({machine})\n{head_line} (at {args.alpha:.0%})", flush=True)
     ours = row("ours (the bundle)", scored(base, args.data, held_out, good, args.alpha))
+    seeds = args.seeds if args.seeds is not None else [cfg.seed]
+    if args.ensemble and len(seeds) < 2:
+        ap.error("--ensemble needs two or more --seeds")
+
+    class MeanHead(torch.nn.Module):
+        """The mean of trained heads' logits (benchmark code: the ensemble lead, not a product head)."""
+
+        def __init__(self, heads: list) -> None:
+            super().__init__()
+            self.heads = torch.nn.ModuleList(heads)
+            self.grid = heads[0].grid
+
+        def forward(self, t_feats, s_feats):
+            return torch.stack([h(t_feats, s_feats) for h in self.heads]).mean(dim=0)
+
+    from engines.seghead import fit_seg_stats
+
+    def scored_rows(model, label: str) -> list[dict]:
+        out = [ours]
+        for w in args.weights:
+            model.cfg.seg_weight = w
+            join = f"ours + {w:g} x head" if fusion == "add" else f"max(ours, {w:g} x head)"
+            out.append(
+                row(f"{join} ({label}, {'+'.join(fills)})", scored(model, args.data, held_out, good, args.alpha))
+            )
+        return out
+
+    def record(settings: dict, fit: dict, rows_out: list[dict]) -> None:
+        settings |= {"head": "product", "steps": steps, "fusion": fusion, "samples_per_image": per_image}
+        if fills != DEFAULT_FILLS:
+            settings["fills"] = "+".join(fills)
+        out = {"machine": machine, "bundle": args.bundle.name, "data": args.data.name, "settings": settings,
+               "fit": fit, "variants": rows_out}  # fmt: skip
+        replace_result(args.results, out, key=lambda r: (r["bundle"], r["data"], tuple(sorted(r["settings"].items()))))
+
     for stride in args.strides:
-        for seed in args.seeds if args.seeds is not None else [cfg.seed]:
+        trained = []
+        for seed in seeds:
             net = dataclasses.replace(base.cfg, seg_weight=1.0, seg_stride=stride, seg_fusion=fusion)
             model = KDModel(base.teacher, net).eval()
             missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
@@ -131,7 +174,8 @@ def main() -> int:
             recipe = "" if fills == DEFAULT_FILLS else "-" + "+".join(fills)
             recipe += f"-x{per_image}"
             saved = args.heads / f"{args.bundle.name}-stride{stride}-seed{seed}-steps{steps}{recipe}.pt"
-            if args.reuse and saved.is_file():  # a head this script trained before, with its statistics
+            loaded = args.reuse and saved.is_file()
+            if loaded:  # a head this script trained before, with its statistics
                 state = torch.load(saved, weights_only=True)
                 model.seg_head.load_state_dict(state["head"])
                 model.seg_stats.copy_(state["seg_stats"])
@@ -146,21 +190,19 @@ def main() -> int:
                 state = {"head": model.seg_head.state_dict(), "seg_stats": model.seg_stats, "fit": json.dumps(fit)}
                 torch.save(state, saved)
             print(f"stride {stride}, head seed {seed}: {fit}", flush=True)
-            rows_out = [ours]
-            for w in args.weights:
-                model.cfg.seg_weight = w
-                join = f"ours + {w:g} x head" if fusion == "add" else f"max(ours, {w:g} x head)"
-                name = f"{join} (stride {stride}, seed {seed}, {'+'.join(fills)})"
-                rows_out.append(row(name, scored(model, args.data, held_out, good, args.alpha)))
-            settings = {"head": "product", "stride": stride, "seed": seed, "steps": steps, "fusion": fusion,
-                        "samples_per_image": per_image}  # fmt: skip
-            if fills != DEFAULT_FILLS:
-                settings["fills"] = "+".join(fills)
-            out = {"machine": machine, "bundle": args.bundle.name, "data": args.data.name, "settings": settings,
-                   "fit": fit, "variants": rows_out}  # fmt: skip
-            replace_result(
-                args.results, out, key=lambda r: (r["bundle"], r["data"], tuple(sorted(r["settings"].items())))
-            )
+            trained.append(model.seg_head)
+            if not (loaded and args.ensemble):  # a kept head's entry stands: only the mean is scored
+                record({"stride": stride, "seed": seed}, fit, scored_rows(model, f"stride {stride}, seed {seed}"))
+        if args.ensemble:
+            model = KDModel(base.teacher, dataclasses.replace(base.cfg, seg_weight=1.0, seg_stride=stride,
+                                                              seg_fusion=fusion)).eval()  # fmt: skip
+            model.load_state_dict(base.state_dict(), strict=False)
+            model.seg_head = MeanHead(trained)
+            fit = fit_seg_stats(model, good)
+            label = f"stride {stride}, mean of seeds {'+'.join(map(str, seeds))}"
+            print(f"{label}: {fit}", flush=True)
+            record({"stride": stride, "seed": "+".join(map(str, seeds)), "ensemble": True}, fit,
+                   scored_rows(model, label))  # fmt: skip
     return 0
 
 
