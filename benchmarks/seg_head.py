@@ -36,7 +36,6 @@ sys.path.insert(0, str(HERE))
 from _machine import machine_name, replace_result  # noqa: E402
 
 from engines.corrupt import DEFAULT_FILLS, FILLS  # noqa: E402
-from engines.seghead import MAX_SAMPLES  # noqa: E402
 
 
 def scored(model, data: Path, held_out: list[Path], good, alpha: float) -> dict:
@@ -87,7 +86,7 @@ def main() -> int:
     from engines import bundle as bundle_mod
     from engines.data import load_images
     from engines.model import KDModel
-    from engines.seghead import train_seg_head
+    from engines.seghead import MAX_SAMPLES, fit_seg_stats, train_seg_head
     from engines.train import TrainConfig, bundle_split, load_bundle_model
 
     base = load_bundle_model(args.bundle, device="cpu")
@@ -144,7 +143,16 @@ def main() -> int:
         def forward(self, t_feats, s_feats):
             return torch.stack([h(t_feats, s_feats) for h in self.heads]).mean(dim=0)
 
-    from engines.seghead import fit_seg_stats
+    def with_head(stride: int) -> KDModel:
+        """The bundle's network given an untrained head on the ``stride`` grid (its own config: the
+        rows below set its weight)."""
+        net = dataclasses.replace(base.cfg, seg_weight=1.0, seg_stride=stride, seg_fusion=fusion)
+        model = KDModel(base.teacher, net).eval()
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith(("seg_", "seg_head.")) for k in missing), (missing, unexpected)
+        return model
+
+    recipe = ("" if fills == DEFAULT_FILLS else "-" + "+".join(fills)) + f"-x{per_image}"  # a kept head's name
 
     def scored_rows(model, label: str) -> list[dict]:
         out = [ours]
@@ -167,12 +175,7 @@ def main() -> int:
     for stride in args.strides:
         trained = []
         for seed in seeds:
-            net = dataclasses.replace(base.cfg, seg_weight=1.0, seg_stride=stride, seg_fusion=fusion)
-            model = KDModel(base.teacher, net).eval()
-            missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-            assert not unexpected and all(k.startswith(("seg_", "seg_head.")) for k in missing), (missing, unexpected)
-            recipe = "" if fills == DEFAULT_FILLS else "-" + "+".join(fills)
-            recipe += f"-x{per_image}"
+            model = with_head(stride)
             saved = args.heads / f"{args.bundle.name}-stride{stride}-seed{seed}-steps{steps}{recipe}.pt"
             loaded = args.reuse and saved.is_file()
             if loaded:  # a head this script trained before, with its statistics
@@ -194,9 +197,7 @@ def main() -> int:
             if not (loaded and args.ensemble):  # a kept head's entry stands: only the mean is scored
                 record({"stride": stride, "seed": seed}, fit, scored_rows(model, f"stride {stride}, seed {seed}"))
         if args.ensemble:
-            model = KDModel(base.teacher, dataclasses.replace(base.cfg, seg_weight=1.0, seg_stride=stride,
-                                                              seg_fusion=fusion)).eval()  # fmt: skip
-            model.load_state_dict(base.state_dict(), strict=False)
+            model = with_head(stride)
             model.seg_head = MeanHead(trained)
             fit = fit_seg_stats(model, good)
             label = f"stride {stride}, mean of seeds {'+'.join(map(str, seeds))}"
