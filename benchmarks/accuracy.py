@@ -83,6 +83,7 @@ NET_KEYS = (
     "seg_stride",
     "seg_fusion",
     "seg_samples",
+    "seg_heads",
 )
 OLD_DEFAULTS = {
     "global_taps": [],  # rows from before the global term: the map's score alone
@@ -104,6 +105,7 @@ OLD_DEFAULTS = {
     "seg_stride": 8,  # rows from before its stride could be chosen
     "seg_fusion": "add",  # rows from before its fusion could be chosen: added
     "seg_samples": 2,  # rows from before stop 41: 2 synthetic samples per training part
+    "seg_heads": 1,  # rows from before stop 42: one head
 }
 
 
@@ -130,7 +132,12 @@ OPTIONS = (
     "seg_stride",
     "seg_fusion",
     "seg_samples",
+    "seg_heads",
 )
+
+
+# settings of the segmentation head (no settings of a network without one)
+HEAD_KEYS = ("seg_stride", "seg_fusion", "seg_samples", "seg_heads")
 
 
 def _key(row: dict) -> tuple:
@@ -141,9 +148,9 @@ def _key(row: dict) -> tuple:
 
 def row_setting(row: dict, key: str):
     """A network setting of a row: rows from before a setting existed read its old default; the
-    head's stride, fusion and samples of a network without a head are no settings (None), whatever the row
+    head's settings (``HEAD_KEYS``) of a network without a head are no settings (None), whatever the row
     recorded."""
-    if key in ("seg_stride", "seg_fusion", "seg_samples") and not row.get("seg_weight", OLD_DEFAULTS["seg_weight"]):
+    if key in HEAD_KEYS and not row.get("seg_weight", OLD_DEFAULTS["seg_weight"]):
         return None
     return row.get(key, OLD_DEFAULTS.get(key))
 
@@ -262,6 +269,7 @@ def main() -> int:
     ap.add_argument(
         "--seg-samples", type=int, help="synthetic samples per part for the head (default: lineinspect train's)"
     )
+    ap.add_argument("--seg-heads", type=int, help="segmentation heads averaged (default: lineinspect train's)")
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
     ap.add_argument("--peer-coreset", type=float, default=0.01, help="PatchCore coreset ratio")
@@ -330,6 +338,8 @@ def main() -> int:
                     more += cfg.seg_fusion
                 if cfg.seg_samples != OLD_DEFAULTS["seg_samples"]:
                     more += f"n{cfg.seg_samples}"
+                if cfg.seg_heads != OLD_DEFAULTS["seg_heads"]:
+                    more += f"h{cfg.seg_heads}"
             tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}{more}-s{cfg.seed}"
             bundle = args.work / tag
             train_s = _reused_seconds(bundle, cfg, args.work, data) if args.reuse else None
@@ -384,6 +394,7 @@ def main() -> int:
                 "seg_stride": cfg.seg_stride,
                 "seg_fusion": cfg.seg_fusion,
                 "seg_samples": cfg.seg_samples,
+                "seg_heads": cfg.seg_heads,
                 "lr": cfg.lr,
                 "seed": cfg.seed,
                 "image_size": size[0],  # the input's height and width (image_width None: a square)

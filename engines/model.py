@@ -89,6 +89,10 @@ class NetConfig:
     # as in bundles from before the setting) or "max" (the larger of the two, pixel by pixel: where
     # the head sees a good part the distillation map's small spots stay as they are)
     seg_fusion: str = "add"
+    # how many heads of that shape, each trained on its own synthetic samples from its own seed; the
+    # map is the mean of their logits (it takes out much of one head's seed: README, accuracy); 1,
+    # as in bundles from before the setting
+    seg_heads: int = 1
 
     def input_hw(self) -> tuple[int, int]:
         """The input's (height, width) in pixels."""
@@ -150,6 +154,9 @@ class NetConfig:
         if self.seg_fusion not in SEG_FUSIONS:
             msg = unknown_fusion(self.seg_fusion)
             raise ValueError(msg)
+        if not 1 <= self.seg_heads <= MAX_SEG_HEADS:
+            msg = f"seg_heads must be within 1..{MAX_SEG_HEADS}, got {self.seg_heads}"
+            raise ValueError(msg)
         if self.seg_stride not in SEG_STRIDES:
             msg = f"seg_stride must be one of {', '.join(map(str, SEG_STRIDES))}, got {self.seg_stride}"
             raise ValueError(msg)
@@ -181,6 +188,7 @@ class NetConfig:
         d.setdefault("seg_weight", 0.0)  # ... and before the segmentation head, none
         d.setdefault("seg_stride", 8)  # ... and before its stride could be chosen, 8
         d.setdefault("seg_fusion", "add")  # ... and before its fusion could be chosen, added
+        d.setdefault("seg_heads", 1)  # ... and before several heads, one
         return cls(**d)
 
 
@@ -379,6 +387,7 @@ SEG_PREFIX = "seg_head."
 SEG_STRIDES = (8, 16)  # the segmentation head's grids: one cell per 8 x 8 or 16 x 16 input pixels
 SEG_FUSIONS = ("add", "max")  # how the head's map joins the fused map (NetConfig.seg_fusion)
 SEG_BLUR_SIGMA = 4.0  # smoothing of its map, input pixels
+MAX_SEG_HEADS = 4  # NetConfig.seg_heads: heads averaged
 
 
 def unknown_fusion(fusion: str) -> str:
@@ -420,10 +429,14 @@ class SegHead(nn.Module):
     ``stride`` input pixels per cell (``SEG_STRIDES``), and returns a defect logit per cell (N, 1,
     h / stride, w / stride). A 1x1 squeeze, five 3x3 convolutions dilated 1, 2, 4, 8, 16 cells at
     stride 8 (1, 1, 2, 4, 8 at 16: the same reach in pixels; a receptive field that spans a region,
-    not a spot), a 1x1 logit; convolutions, batch norm and ReLU only. Trained on synthetic defects
-    after the student (``engines.seghead``)."""
+    not a spot), a 1x1 logit; convolutions, batch norm and ReLU only. With ``heads`` > 1 that many
+    such networks read the same inputs and the logit is the mean of theirs (``net`` the first, as in
+    one-head bundles; ``more`` the others). Trained on synthetic defects after the student
+    (``engines.seghead``)."""
 
-    def __init__(self, channels: list[int], strides: list[int], input_hw: tuple[int, int], stride: int = 8):
+    def __init__(
+        self, channels: list[int], strides: list[int], input_hw: tuple[int, int], stride: int = 8, heads: int = 1
+    ):
         super().__init__()
         h, w = input_hw
         self.stride = stride
@@ -441,10 +454,20 @@ class SegHead(nn.Module):
             return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
         c = 2 * sum(channels)
-        self.net = nn.Sequential(
-            block(c, 96, k=1), block(96, 96), block(96, 64, d=2), block(64, 64, d=4), block(64, 64, d=8),
-            block(64, 64, d=16), nn.Conv2d(64, 1, 1),
-        )  # fmt: skip
+
+        def network() -> nn.Sequential:
+            return nn.Sequential(
+                block(c, 96, k=1), block(96, 96), block(96, 64, d=2), block(64, 64, d=4), block(64, 64, d=8),
+                block(64, 64, d=16), nn.Conv2d(64, 1, 1),
+            )  # fmt: skip
+
+        self.net = network()
+        self.more = nn.ModuleList(network() for _ in range(heads - 1))
+
+    @property
+    def nets(self) -> list[nn.Sequential]:
+        """The averaged networks, the first (``net``) first."""
+        return [self.net, *self.more]
 
     def inputs(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor:
         """(N, 2 * sum(channels), h / stride, w / stride): per tap the teacher's features and (t - s)^2."""
@@ -456,8 +479,15 @@ class SegHead(nn.Module):
             parts.append(z)
         return torch.cat(parts, dim=1)
 
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The mean of the networks' logits on ``inputs`` (``inputs``)."""
+        out = self.net(inputs)
+        for net in self.more:
+            out = out + net(inputs)
+        return out * (1.0 / len(self.nets)) if self.more else out
+
     def forward(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor:
-        return self.net(self.inputs(t_feats, s_feats))
+        return self.logits(self.inputs(t_feats, s_feats))
 
 
 GLOBAL_PREFIX = "global_term."
@@ -614,7 +644,9 @@ class KDModel(nn.Module):
         # seg_stats[1] puts its spread on held-out good parts to the fused map's there
         self.seg_head = None
         if cfg.seg_weight:
-            self.seg_head = SegHead(tap_channels(cfg.taps), tap_strides(cfg.taps), (height, width), cfg.seg_stride)
+            self.seg_head = SegHead(
+                tap_channels(cfg.taps), tap_strides(cfg.taps), (height, width), cfg.seg_stride, cfg.seg_heads
+            )
         self.register_buffer("seg_stats", torch.tensor([0.0, 1.0]))
         if self.seg_head is not None:
             gh, gw = self.seg_head.grid

@@ -96,52 +96,77 @@ def train_seg_head(
 ) -> dict[str, Any]:
     """Train ``model.seg_head`` (the student and teacher stay frozen) on ``samples_per_image``
     synthetic samples per training part (``TrainConfig.seg_samples``; at most ``max_samples``),
-    then set its statistics on the held-out good parts (``fit_seg_stats``). Returns what
-    model.json records."""
+    then set its statistics on the held-out good parts (``fit_seg_stats``). Its networks
+    (``NetConfig.seg_heads``) are trained one after the other, network k from seed ``seed + k``
+    (its own samples, initialisation and batch order: the first is the one-head bundle's head, bit
+    for bit). Returns what model.json records."""
     if model.seg_head is None:
         msg = "this network has no segmentation head (seg_weight is 0)"
         raise ValueError(msg)
-    rng = np.random.default_rng(seed + 7919)
-    gen = torch.Generator().manual_seed(seed)
     device = next(model.student.parameters()).device
     head = model.seg_head
-    with torch.random.fork_rng():  # a fresh head from the seed each time (a refit trains it again)
-        torch.manual_seed(seed)
-        for m in head.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-    t0 = time.perf_counter()
     model.eval()
-    x, masks = synthetic_set(train_imgs, min(samples_per_image * len(train_imgs), max_samples), rng, fills)
-    feats, targets = head_inputs(model, x), grid_targets(masks, head.grid)
-    del x
+    t0 = time.perf_counter()
     xv, mv = synthetic_set(held_out, len(held_out), np.random.default_rng(seed + 104729), fills)
     feats_v, targets_v = head_inputs(model, xv), grid_targets(mv, head.grid)
-    feature_s = time.perf_counter() - t0
-    opt = torch.optim.Adam(head.parameters(), LR / 2)
+    feature_s, train_s = time.perf_counter() - t0, 0.0
+    n = min(samples_per_image * len(train_imgs), max_samples)
+    losses, held_out_losses = [], []
+    for k, net in enumerate(head.nets):
+        with torch.random.fork_rng():  # a fresh network from its seed each time (a refit trains it again)
+            torch.manual_seed(seed + k)
+            for m in net.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        t0 = time.perf_counter()
+        x, masks = synthetic_set(train_imgs, n, np.random.default_rng(seed + k + 7919), fills)
+        feats, targets = head_inputs(model, x), grid_targets(masks, head.grid)
+        del x
+        feature_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        losses.append(_train_network(net, feats, targets, steps, torch.Generator().manual_seed(seed + k), device))
+        train_s += time.perf_counter() - t0
+        del feats, targets
+        with torch.no_grad():
+            held_out_losses.append(round(float(seg_loss(net(feats_v.float().to(device)), targets_v.to(device))), 4))
+    with torch.no_grad():  # of the mean of the networks: what the map uses
+        val = float(seg_loss(head.logits(feats_v.float().to(device)), targets_v.to(device)))
+    record = {
+        "samples": n,
+        "steps": steps,
+        "loss": round(float(np.mean(losses)), 4),
+        "synthetic_held_out_loss": round(val, 4),
+        "feature_seconds": round(feature_s, 1),
+        "train_seconds": round(train_s, 1),
+    }
+    if len(head.nets) > 1:  # each network's own (one head: the two above)
+        record |= {"heads": len(head.nets), "head_losses": [round(v, 4) for v in losses]}
+        record["head_held_out_losses"] = held_out_losses
+    return record | fit_seg_stats(model, held_out)
+
+
+def _train_network(
+    net: torch.nn.Module,
+    feats: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    gen: torch.Generator,
+    device: torch.device,
+) -> float:
+    """``steps`` one-cycle Adam steps of one head network on cached inputs; its last batch's loss."""
+    opt = torch.optim.Adam(net.parameters(), LR / 2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=steps)
-    t0 = time.perf_counter()
-    head.train()
+    net.train()
     loss = torch.zeros(())
     for _ in range(steps):
         idx = torch.randint(0, len(feats), (BATCH,), generator=gen)
-        loss = seg_loss(head.net(feats[idx].float().to(device)), targets[idx].to(device))
+        loss = seg_loss(net(feats[idx].float().to(device)), targets[idx].to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-    head.eval()
-    with torch.no_grad():
-        val = float(seg_loss(head.net(feats_v.float().to(device)), targets_v.to(device)))
-    record = {
-        "samples": len(feats),
-        "steps": steps,
-        "loss": round(float(loss.detach()), 4),
-        "synthetic_held_out_loss": round(val, 4),
-        "feature_seconds": round(feature_s, 1),
-        "train_seconds": round(time.perf_counter() - t0, 1),
-    }
-    return record | fit_seg_stats(model, held_out)
+    net.eval()
+    return float(loss.detach())
 
 
 @torch.no_grad()

@@ -297,3 +297,55 @@ def resize_bilinear_like(model: KDModel, m: torch.Tensor) -> torch.Tensor:
     from engines.model import resize_bilinear
 
     return resize_bilinear(m, model.upsample_rows, model.upsample_cols)
+
+
+def test_two_heads_average_their_logits_keep_the_first_bit_for_bit_and_export(trained_bundle, tmp_path, capsys):
+    """``seg_heads: 2`` (an option since stop 42): the first network is the one-head bundle's head,
+    bit for bit (network k is trained from seed + k); the head's logit is the mean of its networks';
+    the graph exports (parity checked by the export) and passes the TensorRT rule check; a count of
+    heads or samples out of bounds is refused with the bundle unchanged; bundles from before the setting have one."""
+    from edge_app.cli import main
+    from engines.export import export_bundle
+    from engines.trt_compat import tensorrt_problems
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    for b, heads in ((one, "1"), (two, "2")):
+        shutil.copytree(trained_bundle, b)
+        assert main(["refit", "--bundle", str(b), "--seg-steps", "30", "--seg-heads", heads]) == 0
+    meta = bundle_mod.read_meta(two)
+    assert meta["net"]["seg_heads"] == 2 and bundle_config(meta).seg_heads == 2
+    rec = meta["map_stats"]["seg_head"]
+    assert rec["heads"] == 2 and len(rec["head_losses"]) == 2 and len(rec["head_held_out_losses"]) == 2
+    assert rec["samples"] == 2 * meta["training"]["n_train"]  # per network
+    assert "heads" not in bundle_mod.read_meta(one)["map_stats"]["seg_head"]
+
+    def head_weights(bundle: Path) -> dict:
+        sd = torch.load(bundle_mod.student_path(bundle, bundle_mod.read_meta(bundle)), weights_only=True)
+        return {k[len(SEG_PREFIX) :]: v for k, v in sd.items() if k.startswith(SEG_PREFIX)}
+
+    w1, w2 = head_weights(one), head_weights(two)
+    assert w1.keys() == {k for k in w2 if k.startswith("net.")}
+    for k, v in w1.items():
+        torch.testing.assert_close(w2[k], v, rtol=0, atol=0)
+    assert not torch.equal(w2["more.0.6.weight"], w2["net.6.weight"])  # its own seed
+    model = load_bundle_model(two)
+    assert len(model.seg_head.nets) == 2
+    with torch.no_grad():
+        t, s, _ = model.run_networks(to_tensor(np.full((2, 128, 128, 3), 90, np.uint8), torch.device("cpu")))
+        x = model.seg_head.inputs(t, s)
+        mean = (model.seg_head.net(x) + model.seg_head.more[0](x)) / 2
+        torch.testing.assert_close(model.seg_head(t, s), mean, rtol=1e-6, atol=1e-6)
+    graph = onnx.load(str(export_bundle(two)))
+    assert tensorrt_problems(graph) == []
+
+    capsys.readouterr()
+    before = (two / "model.json").read_bytes()
+    for flag, bad in (("--seg-heads", "0"), ("--seg-heads", "5"), ("--seg-samples", "0"), ("--seg-samples", "21")):
+        assert main(["refit", "--bundle", str(two), flag, bad]) == 2
+        assert flag[2:].replace("-", "_") in capsys.readouterr().err
+    assert (two / "model.json").read_bytes() == before
+    with pytest.raises(ValueError, match=r"seg_heads must be within 1\.\.4, got 0"):
+        NetConfig(seg_weight=1.0, seg_heads=0).validate()
+    older = json.loads(json.dumps(meta))
+    del older["net"]["seg_heads"], older["training"]["config"]["seg_heads"]
+    assert NetConfig.from_json(older["net"]).seg_heads == 1 and bundle_config(older).seg_heads == 1
