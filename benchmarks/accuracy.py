@@ -298,6 +298,7 @@ def main() -> int:
     shipped = TrainConfig()
     if args.mark_only:
         mark_rows(rows, shipped, args.data_root)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(rows, indent=2) + "\n")
         print_table([r for r in rows if r["default"]], machine)
         return 0

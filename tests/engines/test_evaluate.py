@@ -130,6 +130,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         "seg_stride": shipped.seg_stride,
         "seg_fusion": shipped.seg_fusion,
         "seg_samples": shipped.seg_samples,
+        "seg_heads": shipped.seg_heads,
     }
     assert accuracy.is_default(row, shipped)
     for key, other in [
@@ -146,6 +147,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         ("seg_stride", 8),
         ("seg_fusion", "add"),
         ("seg_samples", 5),
+        ("seg_heads", 2),
     ]:
         assert not accuracy.is_default({**row, key: other}, shipped), key
     # a row from before the global term is a network without it
@@ -190,6 +192,12 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
     assert accuracy.is_default(fewer, TrainConfig(seg_samples=2))
     assert not accuracy.is_default(fewer, TrainConfig(seg_samples=5))
     assert accuracy._key({**recorded8, "seg_samples": 5}) == accuracy._key({**recorded8, "seg_samples": 2})
+    # ... and one from before stop 42 has no seg_heads: one head
+    one = {k: v for k, v in row.items() if k != "seg_heads"}
+    assert accuracy.is_default(one, TrainConfig(seg_heads=1))
+    assert not accuracy.is_default(one, TrainConfig(seg_heads=2))
+    assert accuracy._key({**one, "seg_heads": 2}) != accuracy._key(one)
+    assert accuracy._key({**recorded8, "seg_heads": 2}) == accuracy._key(recorded8)
 
 
 def test_accuracy_mark_only_sets_every_rows_default_again_and_measures_nothing(tmp_path, monkeypatch, capsys):
@@ -213,6 +221,13 @@ def test_accuracy_mark_only_sets_every_rows_default_again_and_measures_nothing(t
     assert [r["default"] for r in marked] == [True, False]
     assert marked[1] == {**stale, "default": False}
     assert "none_here" in capsys.readouterr().out  # the default's row printed
+    # a results file in a folder not made yet: made, with no rows
+    fresh = tmp_path / "not_yet" / "accuracy.json"
+    monkeypatch.setattr(
+        sys, "argv", ["accuracy.py", "--mark-only", "--results", str(fresh), "--data-root", str(tmp_path)]
+    )
+    assert accuracy.main() == 0
+    assert json.loads(fresh.read_text()) == []
 
 
 def test_fused_map_standardises_each_map_on_its_own_good_statistics():
