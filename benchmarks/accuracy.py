@@ -84,6 +84,7 @@ NET_KEYS = (
     "seg_fusion",
     "seg_samples",
     "seg_heads",
+    "seg_width",
 )
 OLD_DEFAULTS = {
     "global_taps": [],  # rows from before the global term: the map's score alone
@@ -106,6 +107,7 @@ OLD_DEFAULTS = {
     "seg_fusion": "add",  # rows from before its fusion could be chosen: added
     "seg_samples": 2,  # rows from before stop 41: 2 synthetic samples per training part
     "seg_heads": 1,  # rows from before stop 42: one head
+    "seg_width": 96,  # ... of width 96
 }
 
 
@@ -133,11 +135,12 @@ OPTIONS = (
     "seg_fusion",
     "seg_samples",
     "seg_heads",
+    "seg_width",
 )
 
 
 # settings of the segmentation head (no settings of a network without one)
-HEAD_KEYS = ("seg_stride", "seg_fusion", "seg_samples", "seg_heads")
+HEAD_KEYS = ("seg_stride", "seg_fusion", "seg_samples", "seg_heads", "seg_width")
 
 
 def _key(row: dict) -> tuple:
@@ -270,6 +273,7 @@ def main() -> int:
         "--seg-samples", type=int, help="synthetic samples per part for the head (default: lineinspect train's)"
     )
     ap.add_argument("--seg-heads", type=int, help="segmentation heads averaged (default: lineinspect train's)")
+    ap.add_argument("--seg-width", type=int, help="the head networks' width (default: lineinspect train's)")
     ap.add_argument("--alpha", type=float, default=0.01, help="false-reject target of the plant metric")
     ap.add_argument("--no-peer", action="store_true", help="skip the PatchCore peer (rows then carry none)")
     ap.add_argument("--peer-coreset", type=float, default=0.01, help="PatchCore coreset ratio")
@@ -341,6 +345,8 @@ def main() -> int:
                     more += f"n{cfg.seg_samples}"
                 if cfg.seg_heads != OLD_DEFAULTS["seg_heads"]:
                     more += f"h{cfg.seg_heads}"
+                if cfg.seg_width != OLD_DEFAULTS["seg_width"]:
+                    more += f"w{cfg.seg_width}"
             tag = f"{ds}-{variant}{rev}-{cfg.distance}{hq}-e{cfg.epochs}{more}-s{cfg.seed}"
             bundle = args.work / tag
             train_s = _reused_seconds(bundle, cfg, args.work, data) if args.reuse else None
@@ -396,6 +402,7 @@ def main() -> int:
                 "seg_fusion": cfg.seg_fusion,
                 "seg_samples": cfg.seg_samples,
                 "seg_heads": cfg.seg_heads,
+                "seg_width": cfg.seg_width,
                 "lr": cfg.lr,
                 "seed": cfg.seed,
                 "image_size": size[0],  # the input's height and width (image_width None: a square)

@@ -165,6 +165,7 @@ def model_label(bundle: Path) -> str:
     wide = f", input {net['image_size']} x {net['image_width']}" if net.get("image_width") else ""
     joined = " max" if net.get("seg_fusion") == "max" else ""  # added: as before the setting
     heads = f", {net['seg_heads']} heads" if net.get("seg_heads", 1) > 1 else ""
+    heads += f" width {net['seg_width']}" if net.get("seg_width", 96) != 96 else ""
     head = f", head stride {net.get('seg_stride', 8)} x {net['seg_weight']:g}{joined}{heads}"
     head = head if net.get("seg_weight") else ""
     return f"{bundle.name} (taps {taps}, {shape} student, {net.get('distance', 'cosine')}{term}{head}{wide})"

@@ -47,6 +47,7 @@ def _add_refit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seg-steps", type=int, help="optimiser steps of the segmentation head's training")
     p.add_argument("--seg-samples", type=int, help="synthetic samples per training part the head learns from")
     p.add_argument("--seg-heads", type=int, help="segmentation heads averaged (each from its own seed)")
+    p.add_argument("--seg-width", type=int, help="width of each head network's first convolutions (96)")
     p.add_argument("--seg-stride", type=int, choices=[8, 16], help="the segmentation head's grid, input px per cell")
     p.add_argument(
         "--seg-fusion", choices=["add", "max"], help="how the head's map joins the distillation map (add or max)"

@@ -93,6 +93,10 @@ class NetConfig:
     # map is the mean of their logits (it takes out much of one head's seed: README, accuracy); 1,
     # as in bundles from before the setting
     seg_heads: int = 1
+    # the width of each head network's first two convolutions (the later four are two thirds of it,
+    # a multiple of 8): a narrower head costs about the square of the ratio in multiply-adds; 96, as
+    # in bundles from before the setting
+    seg_width: int = 96
 
     def input_hw(self) -> tuple[int, int]:
         """The input's (height, width) in pixels."""
@@ -157,6 +161,9 @@ class NetConfig:
         if not 1 <= self.seg_heads <= MAX_SEG_HEADS:
             msg = f"seg_heads must be within 1..{MAX_SEG_HEADS}, got {self.seg_heads}"
             raise ValueError(msg)
+        if not SEG_MIN_WIDTH <= self.seg_width <= SEG_MAX_WIDTH or self.seg_width % 8:
+            msg = f"seg_width must be a multiple of 8 within {SEG_MIN_WIDTH}..{SEG_MAX_WIDTH}, got {self.seg_width}"
+            raise ValueError(msg)
         if self.seg_stride not in SEG_STRIDES:
             msg = f"seg_stride must be one of {', '.join(map(str, SEG_STRIDES))}, got {self.seg_stride}"
             raise ValueError(msg)
@@ -189,6 +196,7 @@ class NetConfig:
         d.setdefault("seg_stride", 8)  # ... and before its stride could be chosen, 8
         d.setdefault("seg_fusion", "add")  # ... and before its fusion could be chosen, added
         d.setdefault("seg_heads", 1)  # ... and before several heads, one
+        d.setdefault("seg_width", 96)  # ... and before its width could be chosen, 96
         return cls(**d)
 
 
@@ -388,6 +396,7 @@ SEG_STRIDES = (8, 16)  # the segmentation head's grids: one cell per 8 x 8 or 16
 SEG_FUSIONS = ("add", "max")  # how the head's map joins the fused map (NetConfig.seg_fusion)
 SEG_BLUR_SIGMA = 4.0  # smoothing of its map, input pixels
 MAX_SEG_HEADS = 4  # NetConfig.seg_heads: heads averaged
+SEG_MIN_WIDTH, SEG_MAX_WIDTH = 16, 192  # NetConfig.seg_width's bounds
 
 
 def unknown_fusion(fusion: str) -> str:
@@ -431,11 +440,18 @@ class SegHead(nn.Module):
     stride 8 (1, 1, 2, 4, 8 at 16: the same reach in pixels; a receptive field that spans a region,
     not a spot), a 1x1 logit; convolutions, batch norm and ReLU only. With ``heads`` > 1 that many
     such networks read the same inputs and the logit is the mean of theirs (``net`` the first, as in
-    one-head bundles; ``more`` the others). Trained on synthetic defects after the student
+    one-head bundles; ``more`` the others). ``width`` is the first two convolutions' (the later
+    four two thirds of it, a multiple of 8: 96 and 64 by default). Trained on synthetic defects after the student
     (``engines.seghead``)."""
 
     def __init__(
-        self, channels: list[int], strides: list[int], input_hw: tuple[int, int], stride: int = 8, heads: int = 1
+        self,
+        channels: list[int],
+        strides: list[int],
+        input_hw: tuple[int, int],
+        stride: int = 8,
+        heads: int = 1,
+        width: int = 96,
     ):
         super().__init__()
         h, w = input_hw
@@ -453,12 +469,13 @@ class SegHead(nn.Module):
             conv = nn.Conv2d(c_in, c_out, k, padding=d * (k // 2), dilation=d, bias=False)
             return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
-        c = 2 * sum(channels)
+        c, a = 2 * sum(channels), width
+        b = max(8, round(width * 2 / 3 / 8) * 8)
 
         def network() -> nn.Sequential:
             return nn.Sequential(
-                block(c, 96, k=1), block(96, 96), block(96, 64, d=2), block(64, 64, d=4), block(64, 64, d=8),
-                block(64, 64, d=16), nn.Conv2d(64, 1, 1),
+                block(c, a, k=1), block(a, a), block(a, b, d=2), block(b, b, d=4), block(b, b, d=8),
+                block(b, b, d=16), nn.Conv2d(b, 1, 1),
             )  # fmt: skip
 
         self.net = network()
@@ -645,7 +662,12 @@ class KDModel(nn.Module):
         self.seg_head = None
         if cfg.seg_weight:
             self.seg_head = SegHead(
-                tap_channels(cfg.taps), tap_strides(cfg.taps), (height, width), cfg.seg_stride, cfg.seg_heads
+                tap_channels(cfg.taps),
+                tap_strides(cfg.taps),
+                (height, width),
+                cfg.seg_stride,
+                cfg.seg_heads,
+                cfg.seg_width,
             )
         self.register_buffer("seg_stats", torch.tensor([0.0, 1.0]))
         if self.seg_head is not None:

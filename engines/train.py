@@ -27,7 +27,7 @@ from engines.data import (
     load_images,
     split_holdout,
 )
-from engines.model import MAX_SEG_HEADS, KDModel, NetConfig, seg_part, student_part
+from engines.model import MAX_SEG_HEADS, SEG_MAX_WIDTH, SEG_MIN_WIDTH, KDModel, NetConfig, seg_part, student_part
 from engines.teacher import DEFAULT_TAPS, INPUT_MEAN, INPUT_STD, build_teacher, default_weights_path, normalize_input
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,14 @@ class TrainConfig(BaseModel):
         "map reads the mean of their logits, which takes out much of one head's seed); an option since stop 42 "
         "(2 measured: README, accuracy); bundles from before the setting have 1",
     )
+    seg_width: int = Field(
+        96,
+        ge=SEG_MIN_WIDTH,
+        le=SEG_MAX_WIDTH,
+        multiple_of=8,
+        description="width of each segmentation head network's first two convolutions (the later four two thirds "
+        "of it); an option since stop 42 (48 measured: README, accuracy); bundles from before the setting have 96",
+    )
     seg_stride: Literal[8, 16] = Field(
         16,
         description="the segmentation head's grid, input pixels per cell (16 since stop 38: a quarter of the cost "
@@ -217,6 +225,7 @@ class TrainConfig(BaseModel):
             seg_stride=self.seg_stride,
             seg_fusion=self.seg_fusion,
             seg_heads=self.seg_heads,
+            seg_width=self.seg_width,
         )
         cfg.validate()
         return cfg
@@ -509,6 +518,7 @@ def bundle_config(meta: dict[str, Any]) -> TrainConfig:
         config.setdefault("seg_stride", net.seg_stride)
         config.setdefault("seg_fusion", net.seg_fusion)
         config.setdefault("seg_heads", net.seg_heads)
+        config.setdefault("seg_width", net.seg_width)
     config.setdefault("seg_samples", 2)  # heads from before the setting learnt from 2 samples per part
     stats = meta.get("map_stats") or {}
     config.setdefault("map_stats_from", stats.get("map_stats_from", "held_out"))  # before stop 32: held out
@@ -916,6 +926,7 @@ AFTER_TRAINING = frozenset(
         "seg_fusion",
         "seg_samples",
         "seg_heads",
+        "seg_width",
     }
 )
 
@@ -925,7 +936,8 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
     would have written it with them: the student is kept bit for bit; the map's statistics, the
     global term (none for ``global_taps=[]``) and the score statistics are computed again on the
     bundle's own split. A segmentation head is kept too (its statistics fitted again) unless it is
-    added, or its grid, steps, samples or number of networks change: then it is trained (``seg_weight=0`` takes it off).
+    added, or its grid, steps, samples, number of networks or width change: then it is trained
+    (``seg_weight=0`` takes it off).
     Rewrites the student weights and model.json, crash-safe (``bundle.write_student_and_meta``; an
     exported graph no longer matches and is removed). A bundle that does not load
     (``load_bundle_model``'s checks) is refused unchanged."""
@@ -947,9 +959,9 @@ def refit_after_training(bundle: Path, **changes: Any) -> dict[str, Any]:
     net_cfg = cfg.net_config()
     model = KDModel(bundle_teacher(meta, net_cfg.teacher_taps(), cfg.teacher_weights), net_cfg).eval()
     old = meta["map_stats"]
-    # a head trained on this student with the same grid, steps, samples and networks is what train would train
+    # a head trained on this student with the same grid, steps, samples, networks and width is what train would train
     # again (it depends on neither the map's settings nor its weight): kept, only its statistics refitted
-    head_training = ("seg_stride", "seg_steps", "seg_samples", "seg_heads")
+    head_training = ("seg_stride", "seg_steps", "seg_samples", "seg_heads", "seg_width")
     keep_head = bool(
         was.seg_weight and cfg.seg_weight and all(getattr(was, k) == getattr(cfg, k) for k in head_training)
     )

@@ -131,6 +131,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         "seg_fusion": shipped.seg_fusion,
         "seg_samples": shipped.seg_samples,
         "seg_heads": shipped.seg_heads,
+        "seg_width": shipped.seg_width,
     }
     assert accuracy.is_default(row, shipped)
     for key, other in [
@@ -148,6 +149,7 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
         ("seg_fusion", "add"),
         ("seg_samples", 5),
         ("seg_heads", 2),
+        ("seg_width", 48),
     ]:
         assert not accuracy.is_default({**row, key: other}, shipped), key
     # a row from before the global term is a network without it
@@ -198,6 +200,9 @@ def test_accuracy_rows_are_marked_default_only_for_the_network_train_ships():
     assert not accuracy.is_default(one, TrainConfig(seg_heads=2))
     assert accuracy._key({**one, "seg_heads": 2}) != accuracy._key(one)
     assert accuracy._key({**recorded8, "seg_heads": 2}) == accuracy._key(recorded8)
+    narrow = {k: v for k, v in row.items() if k != "seg_width"}  # ... of width 96
+    assert accuracy.is_default(narrow, TrainConfig(seg_width=96))
+    assert not accuracy.is_default(narrow, TrainConfig(seg_width=48))
 
 
 def test_accuracy_mark_only_sets_every_rows_default_again_and_measures_nothing(tmp_path, monkeypatch, capsys):

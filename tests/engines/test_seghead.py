@@ -348,4 +348,33 @@ def test_two_heads_average_their_logits_keep_the_first_bit_for_bit_and_export(tr
         NetConfig(seg_weight=1.0, seg_heads=0).validate()
     older = json.loads(json.dumps(meta))
     del older["net"]["seg_heads"], older["training"]["config"]["seg_heads"]
+    del older["net"]["seg_width"], older["training"]["config"]["seg_width"]
     assert NetConfig.from_json(older["net"]).seg_heads == 1 and bundle_config(older).seg_heads == 1
+    assert NetConfig.from_json(older["net"]).seg_width == 96 and bundle_config(older).seg_width == 96
+
+
+def test_a_narrower_head_has_the_width_asked_for_trains_again_and_exports(trained_bundle, tmp_path, capsys):
+    """``seg_width`` (an option since stop 42): the first two convolutions that wide, the later four
+    two thirds of it; a refit with another width trains the head again; widths off the grid of 8 or
+    out of bounds are refused."""
+    from edge_app.cli import main
+    from engines.export import export_bundle
+    from engines.trt_compat import tensorrt_problems
+
+    b = tmp_path / "model"
+    shutil.copytree(trained_bundle, b)
+    assert main(["refit", "--bundle", str(b), "--seg-steps", "30", "--seg-heads", "2", "--seg-width", "48"]) == 0
+    meta = bundle_mod.read_meta(b)
+    assert meta["net"]["seg_width"] == 48 and bundle_config(meta).seg_width == 48
+    model = load_bundle_model(b)
+    for net in model.seg_head.nets:
+        widths = [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert widths == [48, 48, 32, 32, 32, 32, 1]
+    assert [m[0].out_channels for m in load_bundle_model(trained_bundle).seg_head.net[:-1]] == [96, 96, 64, 64, 64, 64]
+    assert tensorrt_problems(onnx.load(str(export_bundle(b)))) == []
+    capsys.readouterr()
+    for bad in ("50", "8", "200"):
+        assert main(["refit", "--bundle", str(b), "--seg-width", bad]) == 2
+        assert "seg_width" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"seg_width must be a multiple of 8 within 16\.\.192, got 52"):
+        NetConfig(seg_weight=1.0, seg_width=52).validate()
