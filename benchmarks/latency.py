@@ -97,6 +97,19 @@ def ensure_bundle(path: Path | None, size: int, overrides: dict | None = None, n
     return work
 
 
+def parse_extra(text: str) -> tuple[str, dict]:
+    """``--extra NAME=JSON`` -> (NAME, the TrainConfig settings); a clear error for anything else."""
+    name, sep, settings = text.partition("=")
+    try:
+        overrides = json.loads(settings) if sep and name.isidentifier() else None
+    except json.JSONDecodeError:
+        overrides = None
+    if not isinstance(overrides, dict):
+        msg = f"--extra wants NAME={{JSON object of TrainConfig settings}}, got {text!r}"
+        raise SystemExit(msg)
+    return name, overrides
+
+
 def time_runtime(rt, batch: int, repeats: int) -> list[float]:
     """``repeats`` timed calls (ms) on one fixed random batch."""
     x = np.random.default_rng(0).integers(0, 256, (batch, *rt.size, 3), dtype=np.uint8)
@@ -188,6 +201,20 @@ def main() -> int:
     ap.add_argument("--backends", nargs="+", help="subset, e.g. onnxruntime openvino")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "latency.json")
     ap.add_argument("--append", action="store_true", help="keep rows of other machines already in the file")
+    ap.add_argument(
+        "--earlier",
+        nargs="*",
+        choices=list(EARLIER_DEFAULTS),
+        help="without --bundle: which earlier defaults to time beside the default (default: all)",
+    )
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="without --bundle: also a synthetic bundle trained with these TrainConfig settings, e.g. "
+        'h2w48=\'{"seg_heads": 2, "seg_width": 48}\' (a lead timed beside the default; repeatable)',
+    )
     args = ap.parse_args()
 
     from engines.runtime import load_runtime
@@ -195,9 +222,11 @@ def main() -> int:
     if args.bundle:
         bundles = [ensure_bundle(b, args.size) for b in args.bundle]
     else:
+        earlier = EARLIER_DEFAULTS if args.earlier is None else {k: EARLIER_DEFAULTS[k] for k in args.earlier}
         bundles = [ensure_bundle(None, args.size)] + [
-            ensure_bundle(None, args.size, overrides, name) for name, overrides in EARLIER_DEFAULTS.items()
+            ensure_bundle(None, args.size, overrides, name) for name, overrides in earlier.items()
         ]
+        bundles += [ensure_bundle(None, args.size, overrides, name) for name, overrides in map(parse_extra, args.extra)]
     machine = machine_name()
     candidates: list[tuple[str, dict, list[int]]] = [
         ("torch", {"device": "cpu", "threads": args.threads}, [1, 8]),

@@ -626,3 +626,13 @@ def test_benchmark_rows_are_marked_default_from_their_network_record(trained_bun
     assert not is_shipped(blur4) and not is_shipped(held) and not is_shipped(None)
     rows = [{"network": record, "default": False}, {"network": blur4, "default": True}, {"default": True}]
     assert [r["default"] for r in mark_defaults(rows)] == [True, False, False]
+
+
+def test_latency_extra_takes_a_name_and_a_json_object_of_settings():
+    """latency.py --extra NAME=JSON (a lead timed beside the default): parsed, or refused clearly."""
+    from latency import parse_extra
+
+    assert parse_extra('h2w48={"seg_heads": 2, "seg_width": 48}') == ("h2w48", {"seg_heads": 2, "seg_width": 48})
+    for bad in ("h2w48", "h2w48=[2]", "2heads={}", "h2={seg_heads: 2}"):
+        with pytest.raises(SystemExit, match="--extra wants NAME="):
+            parse_extra(bad)
