@@ -164,20 +164,20 @@ class TrainConfig(BaseModel):
         "README, accuracy)",
     )
     seg_heads: int = Field(
-        1,
+        2,
         ge=1,
         le=MAX_SEG_HEADS,
         description="segmentation heads averaged (each trained on its own synthetic samples from its own seed; the "
-        "map reads the mean of their logits, which takes out much of one head's seed); an option since stop 42 "
-        "(2 measured: README, accuracy); bundles from before the setting have 1",
+        "map reads the mean of their logits, which takes out much of one head's seed); 2 since stop 42 (README, "
+        "accuracy); bundles from before the setting have 1",
     )
     seg_width: int = Field(
-        96,
+        48,
         ge=SEG_MIN_WIDTH,
         le=SEG_MAX_WIDTH,
         multiple_of=8,
         description="width of each segmentation head network's first two convolutions (the later four two thirds "
-        "of it); an option since stop 42 (48 measured: README, accuracy); bundles from before the setting have 96",
+        "of it); 48 since stop 42 (two heads of 48 cost what one of 96 did); bundles from before the setting have 96",
     )
     seg_stride: Literal[8, 16] = Field(
         16,

@@ -45,9 +45,12 @@ def test_train_ships_a_stride_16_head_at_weight_half_joined_by_max_and_refit_tak
     meta = bundle_mod.read_meta(trained_bundle)
     assert (meta["net"]["seg_weight"], meta["net"]["seg_stride"], meta["net"]["seg_fusion"]) == (0.5, 16, "max")
     assert meta["map_stats"]["seg_head"]["steps"] == 1500 and meta["map_stats"]["seg_head"]["seg_scale"] > 0
-    # from 2 synthetic samples per training part (seg_samples, an option since stop 41)
+    # from 2 synthetic samples per training part (seg_samples, an option since stop 41), two
+    # networks of width 48 averaged since stop 42, each from its own samples
     assert meta["training"]["config"]["seg_samples"] == 2
     assert meta["map_stats"]["seg_head"]["samples"] == 2 * meta["training"]["n_train"]
+    assert (meta["net"]["seg_heads"], meta["net"]["seg_width"]) == (2, 48)
+    assert meta["map_stats"]["seg_head"]["heads"] == 2
     assert load_bundle_model(trained_bundle).seg_head.grid == (8, 8)  # 128 x 128 input
     b = tmp_path / "model"
     shutil.copytree(trained_bundle, b)
@@ -146,7 +149,7 @@ def test_a_stride_16_head_has_a_quarter_of_the_cells_exports_and_keeps_its_strid
     assert meta["net"]["seg_stride"] == 16
     model = load_bundle_model(b)
     assert model.seg_head.grid == (8, 8)  # 128 x 128 input
-    dilations = [m.dilation[0] for m in model.seg_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    dilations = [m.dilation[0] for m in model.seg_head.net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert dilations == [1, 1, 1, 2, 4, 8, 1]  # the stride-8 head's 1, 2, 4, 8, 16 cells halved
     with torch.no_grad():
         t, s, _ = model.run_networks(to_tensor(np.zeros((2, 128, 128, 3), np.uint8), torch.device("cpu")))
@@ -354,23 +357,27 @@ def test_two_heads_average_their_logits_keep_the_first_bit_for_bit_and_export(tr
 
 
 def test_a_narrower_head_has_the_width_asked_for_trains_again_and_exports(trained_bundle, tmp_path, capsys):
-    """``seg_width`` (an option since stop 42): the first two convolutions that wide, the later four
-    two thirds of it; a refit with another width trains the head again; widths off the grid of 8 or
-    out of bounds are refused."""
+    """``seg_width`` (48 since stop 42, 96 before): the first two convolutions that wide, the later
+    four two thirds of it; a refit with another width trains the head again; widths off the grid of
+    8 or out of bounds are refused."""
     from edge_app.cli import main
     from engines.export import export_bundle
     from engines.trt_compat import tensorrt_problems
 
     b = tmp_path / "model"
     shutil.copytree(trained_bundle, b)
-    assert main(["refit", "--bundle", str(b), "--seg-steps", "30", "--seg-heads", "2", "--seg-width", "48"]) == 0
+
+    def widths(bundle: Path) -> list[list[int]]:
+        nets = load_bundle_model(bundle).seg_head.nets
+        return [[m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)] for net in nets]
+
+    assert widths(trained_bundle) == [[48, 48, 32, 32, 32, 32, 1]] * 2  # what train ships
+    assert main(["refit", "--bundle", str(b), "--seg-steps", "30", "--seg-heads", "1", "--seg-width", "96"]) == 0
     meta = bundle_mod.read_meta(b)
-    assert meta["net"]["seg_width"] == 48 and bundle_config(meta).seg_width == 48
-    model = load_bundle_model(b)
-    for net in model.seg_head.nets:
-        widths = [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-        assert widths == [48, 48, 32, 32, 32, 32, 1]
-    assert [m[0].out_channels for m in load_bundle_model(trained_bundle).seg_head.net[:-1]] == [96, 96, 64, 64, 64, 64]
+    assert meta["net"]["seg_width"] == 96 and bundle_config(meta).seg_width == 96
+    assert widths(b) == [[96, 96, 64, 64, 64, 64, 1]]  # stops 40-41's head
+    assert main(["refit", "--bundle", str(b), "--seg-steps", "30", "--seg-width", "64"]) == 0
+    assert widths(b) == [[64, 64, 40, 40, 40, 40, 1]]  # two thirds of 64 to a multiple of 8
     assert tensorrt_problems(onnx.load(str(export_bundle(b)))) == []
     capsys.readouterr()
     for bad in ("50", "8", "200"):
