@@ -146,6 +146,7 @@ def test_accuracy_rows_are_default_only_at_the_input_train_chooses_for_their_set
     row |= {"global_grid": shipped.global_grid, "reverse_width": shipped.reverse_width}
     row |= {"map_stats_from": shipped.map_stats_from, "blur_sigma": shipped.blur_sigma}
     row |= {"seg_weight": shipped.seg_weight, "seg_stride": shipped.seg_stride, "seg_fusion": shipped.seg_fusion}
+    row |= {"seg_heads": shipped.seg_heads, "seg_width": shipped.seg_width}
     wide = {**row, "image_size": 160, "image_width": 416}
     square = {**row, "image_size": 256, "image_width": None}
     assert accuracy.is_default(wide, shipped, (160, 416)) and not accuracy.is_default(square, shipped, (160, 416))
