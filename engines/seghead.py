@@ -108,7 +108,7 @@ def train_seg_head(
     model.eval()
     t0 = time.perf_counter()
     xv, mv = synthetic_set(held_out, len(held_out), np.random.default_rng(seed + 104729), fills)
-    feats_v, targets_v = head_inputs(model, xv), grid_targets(mv, head.grid)
+    feats_v, targets_v = head_inputs(model, xv).float().to(device), grid_targets(mv, head.grid).to(device)
     feature_s, train_s = time.perf_counter() - t0, 0.0
     n = min(samples_per_image * len(train_imgs), max_samples)
     losses, held_out_losses = [], []
@@ -128,9 +128,9 @@ def train_seg_head(
         train_s += time.perf_counter() - t0
         del feats, targets
         with torch.no_grad():
-            held_out_losses.append(round(float(seg_loss(net(feats_v.float().to(device)), targets_v.to(device))), 4))
+            held_out_losses.append(round(float(seg_loss(net(feats_v), targets_v)), 4))
     with torch.no_grad():  # of the mean of the networks: what the map uses
-        val = float(seg_loss(head.logits(feats_v.float().to(device)), targets_v.to(device)))
+        val = float(seg_loss(head.logits(feats_v), targets_v))
     record = {
         "samples": n,
         "steps": steps,
